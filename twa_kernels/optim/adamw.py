@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import torch
+
+from .base import ProjectedOptimizer
+
+
+class ProjectedAdamW(ProjectedOptimizer):
+    """AdamW on the per-layer coefficients β with gradient c = P̃ᵀg (torch.optim.AdamW's rule,
+    decoupled weight decay β ← (1 − ηλ)β), then w ← w + P̃Δβ. See :class:`ProjectedSGD` for the
+    TWA-specific arguments."""
+
+    _buffer_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, space, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
+                 backend: str = "auto", init: str = "center", nonfinite: str = "raise"):
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"invalid epsilon: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite)
+
+    def _rule(self, group, rows, c, finite):
+        b1, b2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        g = -c[rows] if group["maximize"] else c[rows]
+        beta = self._beta[rows]
+        m_old = self._buffers["exp_avg"][rows]
+        v_old = self._buffers["exp_avg_sq"][rows]
+        m = m_old.lerp(g, 1 - b1)
+        v = v_old * b2 + (1 - b2) * g * g
+        step = self._step
+        bias1 = 1 - b1 ** step
+        bias2_sqrt = (1 - b2 ** step).sqrt()
+        if group["amsgrad"]:
+            vmax_old = self._buffers["max_exp_avg_sq"][rows]
+            vmax = torch.maximum(vmax_old, v)
+            self._buffers["max_exp_avg_sq"][rows] = self._keep_if_finite(finite, vmax, vmax_old)
+            denom = vmax.sqrt() / bias2_sqrt + eps
+        else:
+            denom = v.sqrt() / bias2_sqrt + eps
+        new = beta * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / denom
+        self._buffers["exp_avg"][rows] = self._keep_if_finite(finite, m, m_old)
+        self._buffers["exp_avg_sq"][rows] = self._keep_if_finite(finite, v, v_old)
+        self._beta[rows] = self._keep_if_finite(finite, new, beta)

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import torch
+
+from .base import ProjectedOptimizer
+
+
+class ProjectedSGD(ProjectedOptimizer):
+    """SGD on the per-layer coefficients β, with torch.optim.SGD's semantics applied to c = P̃ᵀg:
+
+        d = c + λβ;  buf = μ·buf + (1 − τ)·d (buf = d at the first step);  d = d + μ·buf (Nesterov) or buf
+        β ← β − η·d;  w ← w + P̃Δβ
+
+    Args mirror ``torch.optim.SGD``; ``space`` is the :class:`~twa_kernels.Subspace`; ``backend``,
+    ``init`` ("center" puts the model at w̄, "last" at the last checkpoint) and ``nonfinite`` ("raise",
+    or "skip" to drop a step with a NaN/Inf gradient without a host sync) are TWA's own.
+    """
+
+    _buffer_names = ("momentum_buffer",)
+
+    def __init__(self, params, space, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 backend: str = "auto", init: str = "center", nonfinite: str = "raise"):
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"invalid momentum: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite)
+
+    def _rule(self, group, rows, c, finite):
+        beta = self._beta[rows]
+        d = -c[rows] if group["maximize"] else c[rows]
+        if group["weight_decay"]:
+            d = d + group["weight_decay"] * beta
+        mu = group["momentum"]
+        if mu:
+            buf = self._buffers["momentum_buffer"]
+            old_buf = buf[rows]
+            first = self._step <= 1
+            new_buf = torch.where(first, d, mu * old_buf + (1 - group["dampening"]) * d)
+            buf[rows] = self._keep_if_finite(finite, new_buf, old_buf)
+            d = d + mu * new_buf if group["nesterov"] else new_buf
+        self._beta[rows] = self._keep_if_finite(finite, beta - group["lr"] * d, beta)
