@@ -79,7 +79,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._step = torch.zeros((), dtype=torch.float32 if acc == torch.float32 else acc, device=device)
         self._buffers = {name: torch.zeros(shape, dtype=acc, device=device) for name in self._buffer_names}
         low_precision = ordered[0].dtype in (torch.bfloat16, torch.float16)
-        self._compensation = torch.zeros_like(self._flat.data) if low_precision else None
+        # Kahan residue of the rounded weights. bf16 for fp16 weights too: the residue of a small
+        # fp16 weight lies in fp16's subnormal range, while bf16 has fp32's exponent range.
+        self._compensation = (torch.zeros(self._flat.numel, dtype=torch.bfloat16, device=device)
+                              if low_precision else None)
         beta0 = None
         if init == "last":
             onehot = torch.zeros(space.n, dtype=torch.float64)
@@ -104,7 +107,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for t, nm, shape in zip(ordered, space.names, space.shapes):
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"parameter {nm!r}: the model's has shape {tuple(t.shape)}, the "
-                                 f"subspace's {tuple(shape)} (pass parameters in model order)")
+                                 f"subspace's {tuple(shape)} (pass parameters in model order, or pass named parameters, e.g. "
+                                 f"model.named_parameters(), in any order)")
         if len({id(t) for t in ordered}) != len(ordered):
             raise ValueError("a parameter appears more than once")
         return ordered
