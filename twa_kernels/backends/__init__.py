@@ -77,9 +77,13 @@ def resolve_backend(backend: str, device) -> str:
     return backend
 
 
-def make_engine(projection: PackedProjection, device, backend: str = "auto"):
+def make_engine(projection: PackedProjection, device, backend: str = "auto", dtype=None):
+    """The engine for parameters of ``dtype`` on ``device``. The kernels compute in fp32: float64
+    parameters get the reference under "auto" and an error from an explicit kernel backend."""
     device = torch.device(device)
-    name = resolve_backend(backend, device)
+    if dtype == torch.float64 and backend not in ("auto", "torch"):
+        raise ValueError(f"backend {backend!r} computes in fp32; float64 parameters need backend='torch'")
+    name = "torch" if dtype == torch.float64 else resolve_backend(backend, device)
     if projection.layout.bits is None:
         from .dense import DenseEngine
 

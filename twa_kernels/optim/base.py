@@ -64,7 +64,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if ordered[0].dtype not in _FLOAT_DTYPES:
             raise ValueError(f"unsupported parameter dtype {ordered[0].dtype}")
         device = ordered[0].device
-        engine = make_engine(space.projection, device, backend)
+        engine = make_engine(space.projection, device, backend, dtype=ordered[0].dtype)
 
         super().__init__(params, defaults)
         self._group_rows = self._layers_per_group(ordered, space)

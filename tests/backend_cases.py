@@ -1,0 +1,70 @@
+"""Shared cases for every kernel backend, checked against the torch reference engine."""
+
+from __future__ import annotations
+
+import torch
+
+from twa_kernels.packing import LayerLayout, PackedProjection
+
+U32 = 2.0**-24
+# Layer sizes that hit the edges: a one-element layer, sizes no multiple of any block, a layer that
+# spans many programs when the engine is built with small tiles.
+EDGE_SIZES = (1, 33, 1000, 7, 2500)
+
+
+def random_projection(sizes, n, bits, seed=0, dyadic=False):
+    """A packed P̃ with random codes. ``dyadic``: scale 2^-4 and zeros on the 2^-4 grid, so every
+    product and sum the kernels form is exact in fp32 (see ``exact_vectors``)."""
+    gen = torch.Generator().manual_seed(seed)
+    lay = LayerLayout(tuple(sizes), n, bits)
+    words = torch.randint(-(2**31), 2**31, (lay.num_words,), generator=gen, dtype=torch.int64).to(torch.int32)
+    L = len(sizes)
+    if dyadic:
+        scale = torch.full((L, n), 2.0**-4)
+        zero = torch.randint(-16, 16, (L, n), generator=gen).float() * 2.0**-4
+    else:
+        scale = torch.rand(L, n, generator=gen) * 0.1
+        zero = torch.randn(L, n, generator=gen) * 0.1
+    # Zero words past each layer's last code, as the packer leaves them.
+    proj = PackedProjection(lay, scale, zero, words)
+    for l, size in enumerate(sizes):
+        codes = proj.layer_codes(l)
+        from twa_kernels.packing import pack_codes
+        w0, w1 = (int(x) for x in lay.word_offsets[l:l + 2])
+        words[w0:w1] = pack_codes(codes, bits)
+    return proj
+
+
+def exact_vectors(numel, L, n, seed=1):
+    """Small integers for g and multiples of 2^-3 for Δβ and w: with 2^-4 scales the sums stay
+    below 2^24 units of their grid at these sizes, so every summation order is exact."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randint(-8, 9, (numel,), generator=gen).float()
+    delta = torch.randint(-4, 5, (L, n), generator=gen).float() * 2.0**-3
+    w = torch.randint(-64, 65, (numel,), generator=gen).float() * 2.0**-3
+    return g, delta, w
+
+
+def project_bound(proj, g):
+    """Rigorous fp32 bound on |c_kernel − c_ref| (Higham: any summation order of D terms is within
+    (D + 1)u Σ|terms|; the affine split adds the rounding of a·t and b·Σg): both sides, per column."""
+    lay = proj.layout
+    out = []
+    for l, s in enumerate(lay.sizes):
+        off = int(lay.param_offsets[l])
+        q = proj.layer_codes(l).double()
+        gl = g[off:off + s].double().abs()
+        terms = (q * proj.scale[l].double().abs() + proj.zero[l].double().abs()).T @ gl
+        out.append(2 * (s + 3) * U32 * terms)
+    return torch.stack(out)
+
+
+def expand_bound(proj, delta, w):
+    lay = proj.layout
+    out = []
+    for l, s in enumerate(lay.sizes):
+        off = int(lay.param_offsets[l])
+        q = proj.layer_codes(l).double()
+        terms = (q * proj.scale[l].double().abs() + proj.zero[l].double().abs()) @ delta[l].double().abs()
+        out.append(2 * (lay.n + 3) * U32 * (terms + w[off:off + s].double().abs()))
+    return torch.cat(out)

@@ -1,0 +1,144 @@
+"""Every kernel backend against the torch reference engine, over shapes that hit the edges."""
+
+import pytest
+import torch
+
+import twa_kernels as twa
+from backend_cases import EDGE_SIZES, exact_vectors, expand_bound, project_bound, random_projection
+from reference import batches, make_checkpoints, make_model
+from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends.torch_ref import TorchEngine
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def kernel_backends():
+    out = []
+    for dev in DEVICES:
+        for b in ("triton", "cpp", "cuda"):
+            marks = () if b in available_backends(dev) else (pytest.mark.skip(reason=f"{b} unavailable on {dev}"),)
+            if (b == "cuda") == (dev == "cuda") or b == "triton":
+                out.append(pytest.param(b, dev, marks=marks, id=f"{b}-{dev}"))
+    return out
+
+
+BACKENDS = kernel_backends()
+
+
+def engines(proj, backend, device):
+    """The backend under test at default tiles, and with small tiles (many programs per layer)."""
+    out = [make_engine(proj, device, backend)]
+    if backend == "triton":
+        from twa_kernels.backends.triton_kernels import TritonEngine
+        out.append(TritonEngine(proj, torch.device(device), block_rows=16, rows_per_program=48))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 60])
+def test_exact_on_dyadic_inputs(backend, device, bits, n):
+    proj = random_projection(EDGE_SIZES, n, bits, seed=bits * 100 + n, dyadic=True)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    g, delta, w = exact_vectors(proj.layout.numel, len(EDGE_SIZES), n)
+    c_ref = ref.project(g)
+    w_ref = w.clone()
+    ref.expand(w_ref, delta)
+    for eng in engines(proj, backend, device):
+        assert torch.equal(eng.project(g.to(device)).cpu(), c_ref)
+        w_dev = w.clone().to(device)
+        eng.expand(w_dev, delta.to(device))
+        assert torch.equal(w_dev.cpu(), w_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 5, 64, 300])
+def test_float_inputs_within_fp32_bound(backend, device, bits, n):
+    sizes = EDGE_SIZES if n < 300 else (1, 33, 700)
+    proj = random_projection(sizes, n, bits, seed=7 * bits + n)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(n)
+    g = torch.randn(proj.layout.numel, generator=gen)
+    delta = torch.randn(len(sizes), n, generator=gen)
+    w = torch.randn(proj.layout.numel, generator=gen)
+    c_ref = ref.project(g)
+    w_ref = w.clone()
+    ref.expand(w_ref, delta)
+    pb, eb = project_bound(proj, g), expand_bound(proj, delta, w)
+    for eng in engines(proj, backend, device):
+        c = eng.project(g.to(device)).cpu()
+        assert torch.all((c.double() - c_ref.double()).abs() <= pb)
+        w_dev = w.clone().to(device)
+        eng.expand(w_dev, delta.to(device))
+        assert torch.all((w_dev.cpu().double() - w_ref.double()).abs() <= eb)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_grads_and_compensated_weights(backend, device, dtype):
+    proj = random_projection(EDGE_SIZES, 9, 4, seed=3, dyadic=True)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    g, delta, w = exact_vectors(proj.layout.numel, len(EDGE_SIZES), 9)
+    g = g.to(dtype)  # small integers: exact in bf16 and fp16
+    eng = make_engine(proj, device, backend)
+    assert torch.equal(eng.project(g.to(device)).cpu(), ref.project(g))
+    # Kahan path: w (half) + residue (bf16) carry the exact sum; same operation order everywhere.
+    w_half = (w * 1.01).to(dtype)
+    comp = torch.zeros_like(w_half, dtype=torch.bfloat16)
+    w_ref, comp_ref = w_half.clone(), comp.clone()
+    w_dev, comp_dev = w_half.clone().to(device), comp.clone().to(device)
+    for k in range(3):
+        d = delta * (k + 1) / 4  # dyadic: every sum exact, only the final roundings matter
+        ref.expand(w_ref, d, comp_ref)
+        eng.expand(w_dev, d.to(device), comp_dev)
+    assert torch.equal(w_dev.cpu(), w_ref) and torch.equal(comp_dev.cpu(), comp_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_project_is_reproducible(backend, device):
+    proj = random_projection(EDGE_SIZES, 13, 4, seed=11)
+    eng = engines(proj, backend, device)[-1]
+    g = torch.randn(proj.layout.numel, generator=torch.Generator().manual_seed(0)).to(device)
+    first = eng.project(g)
+    for _ in range(3):
+        assert torch.equal(eng.project(g), first)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("cls,hp", [(twa.ProjectedSGD, dict(lr=0.1, momentum=0.9)),
+                                    (twa.ProjectedAdamW, dict(lr=1e-2, weight_decay=1e-4, eps=1e-3))])
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_optimizer_trajectory_matches_reference(backend, device, cls, hp, bits):
+    def run(which, dev):
+        model = make_model(dtype=torch.float32, d_in=6, hidden=11, d_out=3)
+        space = twa.Subspace.from_checkpoints(model, make_checkpoints(model, 7), bits=bits, progress=False)
+        model = model.to(dev)
+        opt = cls(model.parameters(), space, backend=which, **hp)
+        out = []
+        for x, y in batches(20, d_in=6, dtype=torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(opt.beta.cpu())
+        return out, torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
+
+    # AdamW's step is about lr·sign(c) once |c| >> eps. At 1 bit a 3-element layer's P̃ᵀg cancels to
+    # rounding noise (~1e-8), where any two correct fp32 sums disagree in sign; eps = 1e-3 bounds the
+    # step's sensitivity to lr/eps. (The exact-input tests above pin the kernels bit for bit.)
+    ref, w_ref = run("torch", "cpu")
+    got, w_got = run(backend, device)
+    # fp32 with D ≈ 120: each step's c agrees to ~(D + 3)·2u relative (about 1.5e-5); over 20 steps
+    # of a contractive small-lr run the differences add up at most linearly.
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert torch.allclose(a, b, rtol=0, atol=20 * 1.5e-5 * float(b.abs().max() + 1e-3)), step
+    assert torch.allclose(w_got, w_ref, rtol=0, atol=1e-4)
+
+
+def test_auto_picks_triton_on_cuda_only():
+    assert twa.available_backends("cpu")[-1] == "torch"
+    from twa_kernels.backends import resolve_backend
+    assert resolve_backend("auto", "cpu") in ("cpp", "torch")
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", "cuda") == "triton"

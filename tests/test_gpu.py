@@ -1,0 +1,83 @@
+"""Checks that need an NVIDIA GPU (skipped elsewhere): a ResNet-50-sized projection, offsets past
+2^31 bytes on real allocations, and CUDA-graph capture of a whole optimizer step."""
+
+import pytest
+import torch
+
+import twa_kernels as twa
+from backend_cases import project_bound, random_projection
+from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends.torch_ref import TorchEngine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def _gpu_backend(name):
+    if name not in available_backends("cuda"):
+        pytest.skip(f"{name} unavailable")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_resnet50_sized_projection(backend):
+    _gpu_backend(backend)
+    # 25,557,032 parameters split like a ResNet-50's largest tensors plus a 1-element layer.
+    sizes = (2_359_296,) * 8 + (1_048_576,) * 4 + (2_048_000, 1, 1000, 13_937_600 - 1001 - 2_048_000 + 4_045_032 - 4_045_032)
+    sizes = sizes[:-1] + (25_557_032 - sum(sizes[:-1]),)
+    proj = random_projection(sizes, 60, 4, seed=0)
+    g = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+    ref = TorchEngine(proj.to("cuda"), torch.device("cuda"))
+    c_ref = ref.project(g.cuda()).cpu()
+    c = make_engine(proj, "cuda", backend).project(g.cuda()).cpu()
+    assert torch.all((c.double() - c_ref.double()).abs() <= project_bound(proj, g))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_offsets_past_2_31_bytes(backend):
+    _gpu_backend(backend)
+    if torch.cuda.get_device_properties(0).total_memory < 12 * 2**30:
+        pytest.skip("needs 12 GiB")
+    # Two layers; the second starts past word 2^29 (byte 2^31) of the stream: 2.4 GB of codes.
+    sizes = (40_000_000, 1000)
+    from twa_kernels.packing import LayerLayout, PackedProjection
+    lay = LayerLayout(sizes, 60, 8)
+    assert int(lay.word_offsets[1]) * 4 > 2**31
+    words = torch.randint(-(2**31), 2**31, (lay.num_words,), dtype=torch.int64, device="cuda").to(torch.int32)
+    proj = PackedProjection(lay, torch.rand(2, 60, device="cuda"), torch.randn(2, 60, device="cuda"), words)
+    g = torch.zeros(sum(sizes), device="cuda")
+    g[-1000:] = torch.randn(1000, device="cuda")
+    c = make_engine(proj, "cuda", backend).project(g)
+    expected = proj.dequantize(1).T @ g[-1000:]
+    assert torch.allclose(c[1], expected, rtol=1e-4, atol=1e-3)
+    assert torch.all(c[0] == proj.zero[0] * 0)
+
+
+def test_optimizer_step_in_a_cuda_graph():
+    from reference import make_checkpoints, make_model
+    model = make_model(dtype=torch.float32, d_in=32, hidden=64, d_out=10)
+    space = twa.Subspace.from_checkpoints(model, make_checkpoints(model, 9), bits=4, progress=False)
+    model = model.cuda()
+    opt = twa.ProjectedAdamW(model.parameters(), space, lr=1e-2, nonfinite="skip")
+    x = torch.randn(64, 32, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    eager = twa.ProjectedAdamW(model.parameters(), space, lr=1e-2)
+    before = opt.beta
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(before, opt.beta)
+    del eager
