@@ -31,6 +31,9 @@ def engines(proj, backend, device):
     if backend == "triton":
         from twa_kernels.backends.triton_kernels import TritonEngine
         out.append(TritonEngine(proj, torch.device(device), block_rows=16, rows_per_program=48))
+    else:
+        from twa_kernels.backends.extension import ExtensionEngine
+        out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=48))
     return out
 
 

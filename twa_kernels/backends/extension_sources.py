@@ -9,17 +9,19 @@ CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp"]
 CUDA_SOURCES = ["twa_cuda.cu", "twa_cuda_launch.cpp"]
 
 
-def extension_kwargs(with_cuda: bool, native: bool) -> dict:
-    """Sources and flags; ``native`` adds -march=native (only for builds used on this machine)."""
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+def extension_kwargs(with_cuda: bool, native: bool, relative: bool = False) -> dict:
+    """Sources and flags; ``native`` adds -march=native (only for builds used on this machine);
+    ``relative`` gives paths relative to the repository root, as setuptools requires."""
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if native:
         cxx.append("-march=native")
-    sources = [os.path.join(CSRC, s) for s in CPU_SOURCES]
+    root = "csrc" if relative else CSRC
+    sources = [os.path.join(root, s) for s in CPU_SOURCES]
     macros = []
     extra = {"cxx": cxx}
     if with_cuda:
-        sources += [os.path.join(CSRC, s) for s in CUDA_SOURCES]
+        sources += [os.path.join(root, s) for s in CUDA_SOURCES]
         macros.append(("TWA_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--fmad=false"]
+        extra["nvcc"] = ["-O3", "-std=c++17"]
     return {"sources": sources, "extra_compile_args": extra, "extra_link_args": ["-fopenmp"],
             "define_macros": macros, "with_cuda": with_cuda}

@@ -33,6 +33,7 @@ except ImportError:  # the package works without triton (torch / C++ backends)
     AVAILABLE = False
 
 from ..packing import PackedProjection, codes_per_word
+from .blocks import BlockTable, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -137,26 +138,6 @@ if AVAILABLE:
                 tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=row_mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-class BlockTable:
-    """The launch grid shared by project and expand: (layer, first row) per program, int64 rows."""
-
-    def __init__(self, sizes, rows_per_program: int, device):
-        sizes_t = torch.tensor(sizes, dtype=torch.int64)
-        counts = (sizes_t + rows_per_program - 1) // rows_per_program
-        self.num_programs = int(counts.sum())
-        self.prog_layer = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
-        starts = torch.zeros(len(sizes) + 1, dtype=torch.int64)
-        starts[1:] = torch.cumsum(counts, 0)
-        local = torch.arange(self.num_programs, dtype=torch.int64) - starts[self.prog_layer]
-        self.prog_row = (local * rows_per_program).to(device)
-        self.prog_layer = self.prog_layer.to(device)
-        self.layer_prog = starts.to(device)  # programs of layer l: [layer_prog[l], layer_prog[l + 1])
-
-
 class TritonEngine:
     name = "triton"
 
@@ -167,7 +148,7 @@ class TritonEngine:
         lay = projection.layout
         self.layout = lay
         self.n = lay.n
-        self.n_p2 = max(16, _next_pow2(lay.n))
+        self.n_p2 = max(16, next_pow2(lay.n))
         # Tiles of about 4K codes on a GPU; the CPU interpreter runs one program at a time, so there
         # fewer, larger programs are much faster.
         default_block = max(16, 4096 // self.n_p2) if not INTERPRET else max(16, 65536 // self.n_p2)

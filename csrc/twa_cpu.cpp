@@ -1,0 +1,153 @@
+// CPU backend (C++/OpenMP): P̃ᵀg and w += P̃Δβ over the packed codes, all layers per call.
+//
+// Each program (a run of rows of one layer) first unpacks its codes word by word into a float buffer,
+// a loop over the E = 32/B codes of a word with a compile-time E that the compiler unrolls and
+// vectorises, then runs a contiguous multiply-add over the row. Partials are written per program and
+// reduced per layer in program order, so results do not depend on the number of threads.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "twa_layout.h"
+
+namespace twa {
+namespace {
+
+template <int BITS>
+void unpack_run(const int32_t* layer_words, int64_t first_code, int64_t count, float* out) {
+  constexpr int kPerWord = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  int64_t w = first_code / kPerWord;
+  int64_t skip = first_code % kPerWord;
+  int64_t produced = 0;
+  float word_codes[kPerWord];
+  while (produced < count) {
+    const uint32_t word = static_cast<uint32_t>(layer_words[w++]);
+#pragma omp simd
+    for (int e = 0; e < kPerWord; ++e) word_codes[e] = static_cast<float>((word >> (e * BITS)) & kMask);
+    const int64_t take = std::min<int64_t>(kPerWord - skip, count - produced);
+    for (int64_t e = 0; e < take; ++e) out[produced + e] = word_codes[skip + e];
+    produced += take;
+    skip = 0;
+  }
+}
+
+void unpack_dispatch(int bits, const int32_t* layer_words, int64_t first, int64_t count, float* out) {
+  switch (bits) {
+    case 1: unpack_run<1>(layer_words, first, count, out); break;
+    case 2: unpack_run<2>(layer_words, first, count, out); break;
+    case 4: unpack_run<4>(layer_words, first, count, out); break;
+    case 8: unpack_run<8>(layer_words, first, count, out); break;
+    default: TORCH_CHECK(false, "unsupported bit width ", bits);
+  }
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(double x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename grad_t>
+void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+  const int n = t.n;
+#pragma omp parallel
+  {
+    std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < t.num_programs; ++p) {
+      const int64_t layer = t.prog_layer[p];
+      const int64_t row0 = t.prog_row[p];
+      const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
+      const grad_t* g = grad + t.param_off[layer] + row0;
+      unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
+      float* acc = part_t + p * n;
+      for (int j = 0; j < n; ++j) acc[j] = 0.f;
+      float gsum = 0.f;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float gr = to_float(g[r]);
+        const float* q = codes.data() + r * n;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) acc[j] += q[j] * gr;
+        gsum += gr;
+      }
+      part_g[p] = gsum;
+    }
+  }
+}
+
+void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out) {
+  const int n = t.n;
+#pragma omp parallel for schedule(static)
+  for (int64_t l = 0; l < t.num_layers; ++l) {
+    std::vector<float> acc(n, 0.f);
+    float gsum = 0.f;
+    for (int64_t p = t.layer_prog[l]; p < t.layer_prog[l + 1]; ++p) {
+      for (int j = 0; j < n; ++j) acc[j] += part_t[p * n + j];
+      gsum += part_g[p];
+    }
+    for (int j = 0; j < n; ++j) out[l * n + j] = t.scale[l * n + j] * acc[j] + t.zero[l * n + j] * gsum;
+  }
+}
+
+template <typename w_t>
+void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+  const int n = t.n;
+#pragma omp parallel
+  {
+    std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
+    std::vector<float> u(n);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < t.num_programs; ++p) {
+      const int64_t layer = t.prog_layer[p];
+      const int64_t row0 = t.prog_row[p];
+      const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
+      float s = 0.f;
+      for (int j = 0; j < n; ++j) {
+        u[j] = t.scale[layer * n + j] * delta[layer * n + j];
+        s += t.zero[layer * n + j] * delta[layer * n + j];
+      }
+      unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
+      const int64_t base = t.param_off[layer] + row0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* q = codes.data() + r * n;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < n; ++j) dot += q[j] * u[j];
+        const float dw = dot + s;
+        w_t& w = weights[base + r];
+        if (comp != nullptr) {  // Kahan: the same operation order as the torch reference
+          const float y = to_float(w) + (dw + static_cast<float>(comp[base + r]));
+          const w_t rounded = static_cast<w_t>(y);
+          comp[base + r] = static_cast<c10::BFloat16>(y - to_float(rounded));
+          w = rounded;
+        } else {
+          w = static_cast<w_t>(to_float(w) + dw);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad) {
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  auto part_t = torch::empty({t.num_programs, t.n}, opts);
+  auto part_g = torch::empty({t.num_programs}, opts);
+  auto out = torch::empty({t.num_layers, t.n}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "twa_project_cpu", [&] {
+    project_impl<scalar_t>(t, grad.data_ptr<scalar_t>(), part_t.data_ptr<float>(), part_g.data_ptr<float>());
+  });
+  reduce_partials(t, part_t.data_ptr<float>(), part_g.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+void expand_cpu(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp,
+                const torch::Tensor& delta) {
+  c10::BFloat16* comp_ptr = comp.has_value() ? comp->data_ptr<c10::BFloat16>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weights.scalar_type(), "twa_expand_cpu", [&] {
+    expand_impl<scalar_t>(t, weights.data_ptr<scalar_t>(), comp_ptr, delta.data_ptr<float>());
+  });
+}
+
+}  // namespace twa
