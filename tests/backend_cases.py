@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from twa_kernels.packing import LayerLayout, PackedProjection
+from twa_kernels.testing import random_projection  # noqa: F401  (re-exported for the tests)
 
 U32 = 2.0**-24
 # Layer sizes that hit the edges: a one-element layer, sizes no multiple of any block, a layer that
 # spans many programs when the engine is built with small tiles.
 EDGE_SIZES = (1, 33, 1000, 7, 2500)
-
-
-def random_projection(sizes, n, bits, seed=0, dyadic=False):
-    """A packed P̃ with random codes. ``dyadic``: scale 2^-4 and zeros on the 2^-4 grid, so every
-    product and sum the kernels form is exact in fp32 (see ``exact_vectors``)."""
-    gen = torch.Generator().manual_seed(seed)
-    lay = LayerLayout(tuple(sizes), n, bits)
-    words = torch.randint(-(2**31), 2**31, (lay.num_words,), generator=gen, dtype=torch.int64).to(torch.int32)
-    L = len(sizes)
-    if dyadic:
-        scale = torch.full((L, n), 2.0**-4)
-        zero = torch.randint(-16, 16, (L, n), generator=gen).float() * 2.0**-4
-    else:
-        scale = torch.rand(L, n, generator=gen) * 0.1
-        zero = torch.randn(L, n, generator=gen) * 0.1
-    # Zero words past each layer's last code, as the packer leaves them.
-    proj = PackedProjection(lay, scale, zero, words)
-    for l, size in enumerate(sizes):
-        codes = proj.layer_codes(l)
-        from twa_kernels.packing import pack_codes
-        w0, w1 = (int(x) for x in lay.word_offsets[l:l + 2])
-        words[w0:w1] = pack_codes(codes, bits)
-    return proj
 
 
 def exact_vectors(numel, L, n, seed=1):

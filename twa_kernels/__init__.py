@@ -1,9 +1,12 @@
 """twa_kernels: Trainable Weight Averaging with fused low-bit projection kernels."""
 
+from . import baselines
 from .backends import available_backends
+from .baselines import ema, greedy_soup, lawa, swa, update_bn
 from .optim import ProjectedAdamW, ProjectedSGD
 from .subspace import Subspace
 
 __version__ = "0.1.0"
 
-__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "__version__"]
+__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "baselines", "ema",
+           "greedy_soup", "lawa", "swa", "update_bn", "__version__"]

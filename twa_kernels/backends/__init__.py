@@ -81,6 +81,8 @@ def make_engine(projection: PackedProjection, device, backend: str = "auto", dty
     """The engine for parameters of ``dtype`` on ``device``. The kernels compute in fp32: float64
     parameters get the reference under "auto" and an error from an explicit kernel backend."""
     device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if dtype == torch.float64 and backend not in ("auto", "torch"):
         raise ValueError(f"backend {backend!r} computes in fp32; float64 parameters need backend='torch'")
     name = "torch" if dtype == torch.float64 else resolve_backend(backend, device)

@@ -1,0 +1,179 @@
+"""The paper's Table 13: time per training step and peak memory of SGD, TWA with an fp32 P
+("w/o quantization") and TWA with a 4-bit fused P, each as a ratio to SGD.
+
+    python -m benchmarks.table13            # GPU: ResNet-50, batch 256, 3x224x224, 1000 classes, n = 60
+                                            # no GPU: the small embedded default on CPU (minutes)
+
+Every configuration runs in a fresh subprocess, so its peak memory (``torch.cuda.max_memory_allocated``
+on a GPU, the process's peak RSS on a CPU) is its own. Rows for k GPUs: with fewer devices than k
+the run measures what one rank of the ``columns`` mode holds and does (⌈n/k⌉ columns of P̃); the
+extra all-reduce of that mode is not measured, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import environment, markdown_table, median, pick_device, save, time_fn
+
+PAPER = {1: (5.3, 3.7), 2: (5.0, 1.9), 4: (3.5, 1.0)}  # TWA vs SGD, % time and % memory, A100 40G
+CONFIGS = {"sgd": None, "twa_fp32": "fp32", "twa_4bit": 4}
+
+
+def make_model(args):
+    from benchmarks.models import resnet50, small_resnet
+
+    return resnet50(args.classes) if args.model == "resnet50" else small_resnet(args.classes)
+
+
+def build_subspace(args, n_cols: int, bits, path: str) -> None:
+    """A subspace of ``n_cols`` synthetic checkpoints (random steps from the initial weights): the
+    cost measured does not depend on what the checkpoints hold."""
+    import twa_kernels as twa
+
+    torch.manual_seed(0)
+    model = make_model(args)
+    base = {k: v for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+
+    def checkpoint(i):
+        return {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
+                for k, v in base.items()}
+
+    ckpts = [checkpoint(i) for i in range(n_cols)]
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
+    space.save(path)
+
+
+def worker(args) -> dict:
+    import twa_kernels as twa
+
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    model = make_model(args).to(device)
+    if args.subspace is None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        backend, p_bytes = "torch.optim.SGD", 0
+    else:
+        space = twa.Subspace.load(args.subspace)
+        opt = twa.ProjectedSGD(model.parameters(), space, lr=0.1, momentum=0.9)
+        backend, p_bytes = opt.backend, space.nbytes
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    times = time_fn(step, device, warmup=args.warmup, iters=args.iters)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"time_s": median(times), "times_s": times, "peak_bytes": peak, "p_bytes": p_bytes,
+            "backend": backend, "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_worker(args, subspace: str | None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.table13", "--worker", "--device", args.device,
+           "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
+           "--classes", str(args.classes), "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    if subspace is not None:
+        cmd += ["--subspace", subspace]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", choices=["resnet50", "small"], default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--classes", type=int, default=None)
+    p.add_argument("--n", type=int, default=None, help="checkpoints (columns of P)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="rows of the table")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--subspace", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    # The paper's configuration on a GPU; a small one that finishes in minutes on 2 CPU cores.
+    defaults = (dict(model="resnet50", batch=256, image_size=224, classes=1000, n=60, warmup=5, iters=20)
+                if gpu else dict(model="small", batch=16, image_size=64, classes=100, n=10, warmup=3, iters=10))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    visible = torch.cuda.device_count() if gpu else 1
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [("sgd", 1, None)]
+        for k in args.gpus:
+            cols = math.ceil(args.n / k)
+            for name in ("twa_fp32", "twa_4bit"):
+                jobs.append((name, k, cols))
+        bar = tqdm(jobs, desc="table13", unit="config")
+        for name, k, cols in bar:
+            bar.set_postfix_str(f"{name} k={k}")
+            path = None
+            if cols is not None:
+                path = os.path.join(tmp, f"{name}_{cols}.safetensors")
+                if not os.path.exists(path):
+                    build_subspace(args, cols, None if CONFIGS[name] == "fp32" else CONFIGS[name], path)
+            results[(name, k)] = run_worker(args, path)
+
+    sgd = results[("sgd", 1)]
+    rows, records = [], []
+    for k in args.gpus:
+        measured = "measured" if k <= visible else f"one rank measured (⌈{args.n}/{k}⌉ = {math.ceil(args.n / k)} columns); its all-reduce of D is not"
+        for name in ("sgd", "twa_fp32", "twa_4bit"):
+            r = sgd if name == "sgd" else results[(name, k)]
+            dt = 100 * (r["time_s"] / sgd["time_s"] - 1)
+            dm = 100 * (r["peak_bytes"] / sgd["peak_bytes"] - 1)
+            paper_t, paper_m = PAPER.get(k, (None, None))
+            paper = f"+{paper_t}% / +{paper_m}%" if name == "twa_4bit" and paper_t is not None else ""
+            rows.append([k, name, r["backend"], f"{1e3 * r['time_s']:.1f}", f"{dt:+.1f}%",
+                         f"{r['peak_bytes'] / 2**20:.0f}", f"{dm:+.1f}%", f"{r['p_bytes'] / 2**20:.1f}",
+                         paper, "" if name == "sgd" else measured])
+            records.append({"gpus": k, "config": name, **r, "time_vs_sgd_pct": dt, "memory_vs_sgd_pct": dm})
+    env = environment(device)
+    memory_kind = "torch.cuda.max_memory_allocated" if gpu else "peak RSS of the whole process (CPU)"
+    title = (f"Table 13 ({'GPU' if gpu else 'CPU — small embedded default, not the paper configuration'}): "
+             f"{env['device']}, torch {env['torch']}, commit {str(env['commit'])[:10]}, {env['date']}\n\n"
+             f"model {args.model} ({sgd['params']:,} parameters), batch {args.batch}, "
+             f"3×{args.image_size}×{args.image_size}, {args.classes} classes, n = {args.n}, SGD momentum 0.9; "
+             f"time: median of {args.iters} steps after {args.warmup} warm-up; memory: {memory_kind}.\n\n")
+    header = ["GPUs", "config", "backend", "ms/step", "time vs SGD", "peak MiB", "memory vs SGD",
+              "P̃ MiB", "paper TWA (A100): time / memory", "what was measured"]
+    md = title + markdown_table(header, rows)
+    print(md)
+    path = save("table13", device, {"config": vars(args), "rows": records}, md)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
