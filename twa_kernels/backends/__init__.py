@@ -61,6 +61,26 @@ def available_backends(device) -> list[str]:
 
 def resolve_backend(backend: str, device) -> str:
     device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    usable = available_backends(device)
+    if backend == "auto":
+        preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        return next(b for b in preferred if b in usable)
+    if backend not in usable:
+        hint = {
+            "triton": "needs a CUDA device (or TRITON_INTERPRET=1 set before import, on CPU) and triton",
+            "cuda": "needs a CUDA device and the compiled csrc/ extension",
+            "cpp": "needs CPU tensors and the compiled csrc/ extension",
+        }[backend]
+        raise RuntimeError(f"backend {backend!r} cannot run on {device}: it {hint}")
+    return backend
+
+
+def make_engine(projection: PackedProjection, device, backend: str = "auto", dtype=None):
+    """The engine for parameters of ``dtype`` on ``device``. The kernels compute in fp32: float64
+    parameters get the reference under "auto" and an error from an explicit kernel backend."""
+    device = torch.device(device)
     name = resolve_backend(backend, device)  # unknown or unusable backends are reported first
     if dtype == torch.float64:
         if backend not in ("auto", "torch"):
