@@ -110,9 +110,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10)
     return 2 * nbytes / t
 
 
-def save(name: str, device: torch.device, payload: dict, markdown: str | None = None) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"{name}_{device_tag(device)}")
+def save(name: str, device: torch.device, payload: dict, markdown: str | None = None,
+         out_dir: str | None = None) -> str:
+    out_dir = out_dir or RESULTS
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{name}_{device_tag(device)}")
     with open(base + ".json", "w") as f:
         json.dump({"environment": environment(device), **payload}, f, indent=1)
     if markdown is not None:

@@ -215,8 +215,12 @@ def plots(alphas, ablation_rows, names, path_prefix):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="base run length (a smoke test shortens it)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     args = p.parse_args(argv)
+    global EPOCHS
+    EPOCHS = args.epochs
     device = pick_device(args.device)
     d = data(device)
     head, soups, ablations = [], [], []
@@ -245,7 +249,8 @@ def main(argv=None):
           + markdown_table(["scale", "bits", "test accuracy (%)"], abl_rows))
     print(md)
     path = save("quality", device, {"head_stage": head, "soup": soups,
-                                    "bits_ablation": [{f"{k[0]}/{k[1]}": v for k, v in a.items()} for a in ablations]}, md)
+                                    "bits_ablation": [{f"{k[0]}/{k[1]}": v for k, v in a.items()} for a in ablations]}, md,
+                out_dir=args.out_dir)
     names = [nm for nm, _ in make_model().named_parameters()]
     plots(alphas0, abl_summary, names, path[:-5])
     print(f"saved {path}, {path[:-5]}_alphas.png, {path[:-5]}_bits.png")

@@ -127,7 +127,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--headline", action="store_true", help="only D = 25.6M, n = 60, 4 bits (+ dense fp32)")
     p.add_argument("--quick", action="store_true", help="small sizes (the default on a CPU)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="override D values")
+    p.add_argument("--ns", type=int, nargs="+", default=None, help="override n values")
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -137,6 +140,7 @@ def main(argv=None):
         Ds, ns, bits = [1_000_000], [10, 60], [1, 2, 4, 8, "fp32"]
     else:
         Ds, ns, bits = [1_000_000, 25_557_032, 124_000_000], [10, 60, 300], [1, 2, 4, 8, "fp32"]
+    Ds, ns = args.sizes or Ds, args.ns or ns
     iters = args.iters or (20 if gpu else 5)
     copy_bw = copy_bandwidth(device, nbytes=(1 << 30) if gpu else (256 << 20))
     cases = list(itertools.product(Ds, ns, bits))
@@ -154,7 +158,7 @@ def main(argv=None):
     md = title + "\n\n" + markdown_table(header, table)
     print(md)
     name = "roofline_headline" if args.headline else "roofline"
-    path = save(name, device, {"copy_GBps": copy_bw / 1e9, "rows": rows}, md)
+    path = save(name, device, {"copy_GBps": copy_bw / 1e9, "rows": rows}, md, out_dir=args.out_dir)
     plot(rows, copy_bw, path.replace(".json", ".png"), title[:110])
     print(f"saved {path} and {path.replace('.json', '.png')}")
 

@@ -114,6 +114,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     p.add_argument("--subspace", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -171,7 +172,7 @@ def main(argv=None):
               "P̃ MiB", "paper TWA (A100): time / memory", "what was measured"]
     md = title + markdown_table(header, rows)
     print(md)
-    path = save("table13", device, {"config": vars(args), "rows": records}, md)
+    path = save("table13", device, {"config": vars(args), "rows": records}, md, out_dir=args.out_dir)
     print(f"saved {path}")
 
 

@@ -17,19 +17,21 @@ template <int BITS>
 void unpack_run(const int32_t* layer_words, int64_t first_code, int64_t count, float* out) {
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  int64_t w = first_code / kPerWord;
-  int64_t skip = first_code % kPerWord;
-  int64_t produced = 0;
-  float word_codes[kPerWord];
-  while (produced < count) {
-    const uint32_t word = static_cast<uint32_t>(layer_words[w++]);
+  int64_t k = first_code, done = 0;
+  for (; done < count && k % kPerWord != 0; ++done, ++k) out[done] = static_cast<float>(code_at<BITS>(layer_words, k));
+  // Whole words: a fixed-length inner loop the compiler turns into broadcast, per-lane shift, mask
+  // and convert.
+  const int64_t whole = (count - done) / kPerWord;
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(layer_words) + k / kPerWord;
+  float* o = out + done;
+  for (int64_t w = 0; w < whole; ++w) {
+    const uint32_t word = wp[w];
 #pragma omp simd
-    for (int e = 0; e < kPerWord; ++e) word_codes[e] = static_cast<float>((word >> (e * BITS)) & kMask);
-    const int64_t take = std::min<int64_t>(kPerWord - skip, count - produced);
-    for (int64_t e = 0; e < take; ++e) out[produced + e] = word_codes[skip + e];
-    produced += take;
-    skip = 0;
+    for (int e = 0; e < kPerWord; ++e) o[w * kPerWord + e] = static_cast<float>((word >> (e * BITS)) & kMask);
   }
+  done += whole * kPerWord;
+  k += whole * kPerWord;
+  for (; done < count; ++done, ++k) out[done] = static_cast<float>(code_at<BITS>(layer_words, k));
 }
 
 void unpack_dispatch(int bits, const int32_t* layer_words, int64_t first, int64_t count, float* out) {

@@ -74,8 +74,8 @@ class ExtensionEngine:
         self.name = "cuda" if device.type == "cuda" else "cpp"
         lay = projection.layout
         self.layout = lay
-        # CPU: a run of rows whose unpacked codes (floats) stay in L2; CUDA: 64 rows per block.
-        self.rows = rows_per_program or (max(32, (1 << 16) // lay.n) if device.type == "cpu" else 64)
+        # CPU: a run of rows whose unpacked codes (64 KiB of floats) stay in L2; CUDA: 64 rows per block.
+        self.rows = rows_per_program or (max(32, (1 << 14) // lay.n) if device.type == "cpu" else 64)
         table = BlockTable(lay.sizes, self.rows, device)
         self.tables = [
             projection.words.to(device), lay.word_offsets[:-1].to(device), lay.param_offsets[:-1].to(device),

@@ -12,12 +12,17 @@ import torch
 
 
 class FlatParameters:
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], padded_numel: int = 0):
+        """``padded_numel``: allocate at least this many elements (row-sharded training reduce-scatters
+        and all-gathers the flat vectors in k equal pieces); the tail past the parameters stays 0."""
         self.params = params
         first = params[0]
         self.numel = sum(p.numel() for p in params)
-        self.data = torch.empty(self.numel, dtype=first.dtype, device=first.device)
-        self.grad = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        size = max(self.numel, padded_numel)
+        self.padded_data = torch.zeros(size, dtype=first.dtype, device=first.device)
+        self.padded_grad = torch.zeros(size, dtype=first.dtype, device=first.device)
+        self.data = self.padded_data[: self.numel]
+        self.grad = self.padded_grad[: self.numel]
         self.data_views, self.grad_views = [], []
         offset = 0
         for p in params:
@@ -44,7 +49,7 @@ class FlatParameters:
         return self.grad
 
     def zero_grad(self) -> None:
-        self.grad.zero_()
+        self.padded_grad.zero_()
         for p, view in zip(self.params, self.grad_views):
             if p.grad is not view:
                 p.grad = view

@@ -1,0 +1,72 @@
+"""The benchmark scripts and the README's quickstart run end to end (tiny sizes; results to tmp)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=600):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_resnet50_definition_matches_torchvision_size():
+    from benchmarks.models import ResNet
+
+    model = ResNet()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    assert len(list(model.parameters())) == 161
+
+
+def test_table13_small(tmp_path):
+    out = run("-m", "benchmarks.table13", "--model", "small", "--batch", "2", "--image-size", "32",
+              "--n", "3", "--warmup", "1", "--iters", "2", "--gpus", "1", "2", "--out-dir", str(tmp_path))
+    assert "Table 13 (CPU" in out and "one rank measured" in out
+    data = json.loads(next(tmp_path.glob("table13_*.json")).read_text())
+    configs = {(r["gpus"], r["config"]) for r in data["rows"]}
+    assert {(1, "sgd"), (1, "twa_fp32"), (1, "twa_4bit"), (2, "twa_4bit")} <= configs
+    for r in data["rows"]:
+        assert r["time_s"] > 0 and r["peak_bytes"] > 0
+    assert data["environment"]["commit"] and data["environment"]["device_type"] == "cpu"
+
+
+def test_roofline_small(tmp_path):
+    out = run("-m", "benchmarks.roofline", "--quick", "--sizes", "20000", "--ns", "5", "--iters", "1",
+              "--out-dir", str(tmp_path))
+    assert "of copy" in out
+    data = json.loads(next(tmp_path.glob("roofline_*.json")).read_text())
+    backends = {r["backend"] for r in data["rows"]}
+    assert "torch" in backends and "dense fp32 (torch matmul)" in backends
+    assert all(0 < r["frac_copy"] for r in data["rows"])
+    assert next(tmp_path.glob("roofline_*.png")).stat().st_size > 0
+
+
+def test_quality_smoke(tmp_path):
+    out = run("-m", "benchmarks.quality", "--seeds", "1", "--epochs", "4", "--out-dir", str(tmp_path))
+    assert "TWA-t" in out and "greedy soup" in out
+    data = json.loads(next(tmp_path.glob("quality_*.json")).read_text())
+    for method, res in data["head_stage"][0].items():
+        assert 0.0 <= res["test"] <= 1.0, method
+    assert len(list(tmp_path.glob("quality_*_alphas.png"))) == 1
+
+
+def test_readme_quickstart_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "averaging weights of layer 0" in out.stdout
+
+
+def test_readme_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "python -m benchmarks.table13" in text
+    assert "TRITON_INTERPRET=1 python -m pytest -q tests" in text
+    assert "TRITON_INTERPRET=1 python -m pytest -q tests" in (ROOT / ".ci" / "run").read_text()

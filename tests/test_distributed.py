@@ -1,0 +1,87 @@
+"""Distributed TWA on CPU with gloo, world sizes 2 and 3: every mode and both optimizers follow the
+single-process trajectory, and every rank holds the same weights."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+import twa_kernels as twa
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+
+def launch(world, scenario, tmp_path):
+    init = tmp_path / "init"
+    mp.start_processes(dist_worker.worker, args=(world, str(init), str(tmp_path), scenario), nprocs=world,
+                       join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {bits: dist_worker.single_process(bits) for bits in (4, None)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_mode_follows_the_single_process_run(world, tmp_path, reference):
+    results = launch(world, "trajectories", tmp_path)
+    for key, first in results[0].items():
+        mode, bits, name = key
+        ref_betas, ref_weights = reference[bits][name]
+        for r in range(1, world):  # all ranks hold identical weights and β (bit for bit)
+            assert torch.equal(results[r][key]["weights"], first["weights"]), (key, r)
+            assert torch.equal(results[r][key]["betas"][-1], first["betas"][-1]), (key, r)
+        # float64 throughout: the runs differ only in the order of the reductions over ranks
+        # (~1e-16 relative per operation), amplified over 8 steps; 1e-10 is a wide margin.
+        for step, (a, b) in enumerate(zip(first["betas"], ref_betas)):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (key, step, (a - b).abs().max())
+        assert torch.allclose(first["weights"], ref_weights, rtol=1e-10, atol=1e-12), key
+    # What crosses the network per step, counted at each collective (float64 here: 8 bytes).
+    space_numel = sum(p.numel() for p in dist_worker.make_model(d_in=5, hidden=7, d_out=3).parameters())
+    steps, L, n = dist_worker.STEPS, 5, 5
+    comm = {mode: results[0][(mode, 4, "sgd")]["comm"] for mode in ("replicate", "rows", "columns")}
+    assert comm["replicate"] == {"all_reduce": steps * L * n * 8}
+    padded = -(-space_numel // world) * world
+    assert comm["rows"]["reduce_scatter"] == steps * padded * 8
+    assert comm["rows"]["all_gather"] == (steps + 1) * padded * 8  # + the all-gather of w̄ at start
+    assert comm["rows"]["all_reduce"] == steps * L * n * 8
+    assert comm["columns"]["all_reduce"] == steps * space_numel * (8 + 8)  # g + Δw, both float64 here
+    # P̃'s memory per rank: rows divides the codes by about k
+    full = results[0][("replicate", 4, "sgd")]["nbytes"]
+    assert max(results[r][("rows", 4, "sgd")]["nbytes"] for r in range(world)) < full / world + 2 * L * n * 4 + 4 * L
+
+
+def test_ranks_with_different_checkpoints_all_raise(tmp_path):
+    results = launch(2, "different_checkpoints", tmp_path)
+    errors = [r["error"] for r in results]
+    assert errors[0] is not None and errors[0] == errors[1]
+    assert "ranks disagree on the checkpoints" in errors[0]
+
+
+def test_shards_save_load_per_rank_and_world_size_is_checked(tmp_path):
+    results = launch(2, "save_load", tmp_path)
+    for r in results:
+        assert r["same"]
+        assert "rank 0 of 3" in r["world_error"] or "rank 1 of 3" in r["world_error"]
+        assert "same world size" in r["world_error"]
+
+
+def test_sharding_needs_an_initialised_group():
+    model = dist_worker.make_model(d_in=5, hidden=7, d_out=3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        twa.Subspace.from_checkpoints(model, dist_worker.make_checkpoints(model, 3), shard="rows", progress=False)
+
+
+def test_columns_needs_a_column_per_rank():
+    from twa_kernels.distributed import Shard
+
+    with pytest.raises(ValueError, match="at least one column per rank"):
+        Shard.plan("columns", 100, 2, 3, 0)
+    plans = [Shard.plan("columns", 100, 5, 3, r) for r in range(3)]
+    assert [(p.col_start, p.col_stop) for p in plans] == [(0, 2), (2, 4), (4, 5)]
+    rows = [Shard.plan("rows", 10, 5, 3, r) for r in range(3)]
+    assert [(p.row_start, p.row_stop) for p in rows] == [(0, 4), (4, 8), (8, 10)]
