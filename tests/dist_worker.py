@@ -32,7 +32,8 @@ def setup():
 
 def train(model, space, opt_name, data, rank=0, world=1):
     cls, hp = OPTIMIZERS[opt_name]
-    opt = cls(model.parameters(), space, backend="torch", **hp)
+    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
+    opt = cls(params, space, backend="torch", **hp)
     betas = []
     per = GLOBAL_BATCH // world
     for x, y in data:
@@ -70,6 +71,25 @@ def worker(rank, world, init_file, out_dir, scenario):
                         betas, weights, opt = train(m, space, name, data, rank, world)
                         result[(mode, bits, name)] = {"betas": betas, "weights": weights,
                                                       "comm": opt.comm_bytes, "nbytes": space.nbytes}
+        elif scenario == "ddp":
+            # DDP with its gradient all-reduce switched off: TWA's step averages over ranks itself.
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            for mode in ("replicate", "rows"):
+                model, ckpts, data = setup()
+                space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, shard=mode, progress=False)
+                m = twa.distributed.skip_gradient_allreduce(DDP(make_model(d_in=5, hidden=7, d_out=3)))
+                betas, weights, _ = train(m, space, "sgd", data, rank, world)
+                result[mode] = {"betas": betas, "weights": weights}
+            # After a backward through the hooked DDP model, .grad is this rank's own gradient.
+            plain = make_model(d_in=5, hidden=7, d_out=3)
+            wrapped = twa.distributed.skip_gradient_allreduce(DDP(make_model(d_in=5, hidden=7, d_out=3)))
+            x, y = data[0]
+            per = GLOBAL_BATCH // world
+            for mdl in (plain, wrapped):
+                torch.nn.functional.cross_entropy(mdl(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+            result["local_grad"] = torch.cat([p.grad.reshape(-1) for p in wrapped.module.parameters()])
+            result["plain_grad"] = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])
         elif scenario == "different_checkpoints":
             model, _, _ = setup()
             ckpts = make_checkpoints(model, 5, seed=1 + (rank == world - 1))

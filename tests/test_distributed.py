@@ -55,6 +55,19 @@ def test_every_mode_follows_the_single_process_run(world, tmp_path, reference):
     assert max(results[r][("rows", 4, "sgd")]["nbytes"] for r in range(world)) < full / world + 2 * L * n * 4 + 4 * L
 
 
+def test_ddp_with_its_allreduce_switched_off(tmp_path, reference):
+    results = launch(2, "ddp", tmp_path)
+    ref_betas, ref_weights = reference[4]["sgd"]
+    for mode in ("replicate", "rows"):
+        assert torch.equal(results[0][mode]["weights"], results[1][mode]["weights"])
+        assert torch.allclose(results[0][mode]["betas"][-1], ref_betas[-1], rtol=1e-10, atol=1e-12), mode
+        assert torch.allclose(results[0][mode]["weights"], ref_weights, rtol=1e-10, atol=1e-12), mode
+    # DDP did not average: each rank's gradient is exactly its own, and the ranks' differ.
+    for r in results:
+        assert torch.equal(r["local_grad"], r["plain_grad"])
+    assert not torch.equal(results[0]["local_grad"], results[1]["local_grad"])
+
+
 def test_ranks_with_different_checkpoints_all_raise(tmp_path):
     results = launch(2, "different_checkpoints", tmp_path)
     errors = [r["error"] for r in results]
