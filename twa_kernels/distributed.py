@@ -71,6 +71,20 @@ class Shard:
         return cls(mode, world_size, rank)
 
 
+def local_ranges(sizes, shard: "Shard | None") -> list[tuple[int, int]]:
+    """This rank's element range [a, b) in each layer: all of it unless row-sharded."""
+    out, start = [], 0
+    for size in sizes:
+        if shard is not None and shard.mode == "rows":
+            a = min(max(shard.row_start - start, 0), size)
+            b = min(max(shard.row_stop - start, 0), size)
+            out.append((a, max(a, b)))
+        else:
+            out.append((0, size))
+        start += size
+    return out
+
+
 def group_or_world(process_group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("a sharded subspace needs torch.distributed to be initialised "

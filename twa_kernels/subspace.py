@@ -347,17 +347,9 @@ class _Builder:
                                     dist.get_rank(process_group))
             self.reduce_device = collective_device(process_group)
             same_on_all_ranks(probe_checkpoints(ckpts, names, shapes), process_group, "the checkpoints")
-        # This rank's element range in every layer (all of it unless row-sharded).
-        self.local = []
-        layer_start = 0
-        for size in self.sizes:
-            if self.shard is not None and self.shard.mode == "rows":
-                a = min(max(self.shard.row_start - layer_start, 0), size)
-                b = min(max(self.shard.row_stop - layer_start, 0), size)
-                self.local.append((a, max(a, b)))
-            else:
-                self.local.append((0, size))
-            layer_start += size
+        from .distributed import local_ranges
+
+        self.local = local_ranges(self.sizes, self.shard)
         cols = (self.shard.col_start, self.shard.col_stop) if self._columns else (0, self.n)
         self.cols = slice(*cols)
         self.layout = LayerLayout(tuple(b - a for a, b in self.local), cols[1] - cols[0], bits)
