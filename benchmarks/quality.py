@@ -111,19 +111,19 @@ def load_average(state, d):
     return model
 
 
-def head_stage(d, seed):
+def head_stage(d, seed, epochs=EPOCHS):
     torch.manual_seed(seed)
     model = make_model().to(d["train"][0].device)
     opt = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM)
     ckpts = []
-    for e in range(EPOCHS):
+    for e in range(epochs):
         train_epochs(model, opt, d["train"], 1, seed * 100 + e)
-        if e < EPOCHS // 2:
+        if e < epochs // 2:
             ckpts.append(snapshot(model))
-    out = {f"base run, {EPOCHS} epochs": scores(model, d)}
-    half = make_model().to(model.fc.weight.device if hasattr(model, "fc") else d["train"][0].device)
+    out = {f"base run, {epochs} epochs": scores(model, d)}
+    half = make_model().to(d["train"][0].device)
     half.load_state_dict(ckpts[-1])
-    out[f"base run, {EPOCHS // 2} epochs"] = scores(half, d)
+    out[f"base run, {epochs // 2} epochs"] = scores(half, d)
     out["SWA"] = scores(load_average(twa.swa(ckpts), d), d)
     out[f"EMA (γ={EMA_GAMMA})"] = scores(load_average(twa.ema(ckpts, EMA_GAMMA), d), d)
     out[f"LAWA (k={LAWA_K})"] = scores(load_average(twa.lawa(ckpts, LAWA_K), d), d)
@@ -219,14 +219,12 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     args = p.parse_args(argv)
-    global EPOCHS
-    EPOCHS = args.epochs
     device = pick_device(args.device)
     d = data(device)
     head, soups, ablations = [], [], []
     alphas0 = None
     for seed in tqdm(range(args.seeds), desc="quality", unit="seed"):
-        h, ckpts, alphas = head_stage(d, seed)
+        h, ckpts, alphas = head_stage(d, seed, args.epochs)
         head.append(h)
         alphas0 = alphas if alphas0 is None else alphas0
         soups.append(soup(d, seed))
@@ -241,7 +239,7 @@ def main(argv=None):
     header = ["method", "test accuracy (%)", "train − test gap (pts)"]
     md = (f"Quality on scikit-learn digits ({args.seeds} seeds; {env['device']}; torch {env['torch']}; "
           f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
-          f"(a) head stage: base run {EPOCHS} epochs; averages over the checkpoints of epochs 1–{EPOCHS // 2}\n\n"
+          f"(a) head stage: base run {args.epochs} epochs; averages over the checkpoints of epochs 1–{args.epochs // 2}\n\n"
           + markdown_table(header, summarize(head))
           + f"\n(b) soup of {len(SOUP_CONFIGS)} fine-tuning runs from one start\n\n"
           + markdown_table(header, summarize(soups))

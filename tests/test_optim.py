@@ -50,25 +50,20 @@ def assert_trajectories_close(got, expected):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (step, (a - b).abs().max())
 
 
-@pytest.mark.parametrize("hp", SGD_VARIANTS)
-@pytest.mark.parametrize("bits", [None, 1, 4])
-def test_sgd_matches_algorithm1(hp, bits):
-    model = make_model()
-    ckpts = make_checkpoints(model, 5)
-    space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
-    expected = reference_trajectory(model, ckpts, bits, "center", "param", sgd_rule(hp), 25)
-    got, _ = package_trajectory(model, space, lambda p, s, b: twa.ProjectedSGD(p, s, backend=b, **hp), 25)
-    assert_trajectories_close(got, expected)
+OPTIMIZER_CASES = (
+    [pytest.param(twa.ProjectedSGD, sgd_rule, hp, bits, 5, id=f"sgd{i}-{bits}")
+     for i, hp in enumerate(SGD_VARIANTS) for bits in (None, 1, 4)]
+    + [pytest.param(twa.ProjectedAdamW, adamw_rule, hp, bits, 4, id=f"adamw{i}-{bits}")
+       for i, hp in enumerate(ADAMW_VARIANTS) for bits in (None, 2, 8)])
 
 
-@pytest.mark.parametrize("hp", ADAMW_VARIANTS)
-@pytest.mark.parametrize("bits", [None, 2, 8])
-def test_adamw_matches_algorithm1(hp, bits):
+@pytest.mark.parametrize("cls,rule,hp,bits,n", OPTIMIZER_CASES)
+def test_optimizer_matches_algorithm1(cls, rule, hp, bits, n):
     model = make_model()
-    ckpts = make_checkpoints(model, 4)
+    ckpts = make_checkpoints(model, n)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
-    expected = reference_trajectory(model, ckpts, bits, "center", "param", adamw_rule(hp), 25)
-    got, _ = package_trajectory(model, space, lambda p, s, b: twa.ProjectedAdamW(p, s, backend=b, **hp), 25)
+    expected = reference_trajectory(model, ckpts, bits, "center", "param", rule(hp), 25)
+    got, _ = package_trajectory(model, space, lambda p, s, b: cls(p, s, backend=b, **hp), 25)
     assert_trajectories_close(got, expected)
 
 

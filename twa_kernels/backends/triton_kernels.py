@@ -61,17 +61,21 @@ if AVAILABLE:
         return y.to(dtype)
 
     @triton.jit
+    def _program(prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS: tl.constexpr):
+        """This program's layer, its rows [row0, row_end), and the layer's word and element offsets."""
+        pid = tl.program_id(0).to(tl.int64)
+        layer = tl.load(prog_layer_ptr + pid)
+        row0 = tl.load(prog_row_ptr + pid)
+        row_end = tl.minimum(tl.load(size_ptr + layer), row0 + ROWS)
+        return pid, layer, row0, row_end, tl.load(word_off_ptr + layer), tl.load(param_off_ptr + layer)
+
+    @triton.jit
     def _project_partials_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr,
                                  param_off_ptr, size_ptr, part_t_ptr, part_g_ptr, n,
                                  BITS: tl.constexpr, LOG2_PER_WORD: tl.constexpr, N_P2: tl.constexpr,
                                  BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        layer = tl.load(prog_layer_ptr + pid)
-        row0 = tl.load(prog_row_ptr + pid)
-        size = tl.load(size_ptr + layer)
-        word_base = tl.load(word_off_ptr + layer)
-        param_base = tl.load(param_off_ptr + layer)
-        row_end = tl.minimum(size, row0 + ROWS)
+        pid, layer, row0, row_end, word_base, param_base = _program(
+            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         cols = tl.arange(0, N_P2)
         col_mask = cols < n
         acc = tl.zeros([BLOCK_R, N_P2], dtype=tl.float32)
@@ -109,13 +113,8 @@ if AVAILABLE:
                        word_off_ptr, param_off_ptr, size_ptr, n,
                        BITS: tl.constexpr, LOG2_PER_WORD: tl.constexpr, N_P2: tl.constexpr,
                        BLOCK_R: tl.constexpr, ROWS: tl.constexpr, HAS_COMP: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        layer = tl.load(prog_layer_ptr + pid)
-        row0 = tl.load(prog_row_ptr + pid)
-        size = tl.load(size_ptr + layer)
-        word_base = tl.load(word_off_ptr + layer)
-        param_base = tl.load(param_off_ptr + layer)
-        row_end = tl.minimum(size, row0 + ROWS)
+        pid, layer, row0, row_end, word_base, param_base = _program(
+            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         cols = tl.arange(0, N_P2)
         col_mask = cols < n
         u = tl.load(u_ptr + layer * N_P2 + cols)  # scale ∘ Δβ, zero beyond n

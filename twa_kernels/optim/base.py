@@ -109,6 +109,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
+    def _check_nonnegative(**values) -> None:
+        for name, value in values.items():
+            if value < 0.0:
+                raise ValueError(f"invalid {name.replace('_', ' ')}: {value}")
+
+    @staticmethod
     def _match_to_space(items, space):
         if len(items) != len(space.names):
             raise ValueError(f"the optimizer got {len(items)} trainable parameters, the subspace was "

@@ -21,12 +21,7 @@ class ProjectedSGD(ProjectedOptimizer):
     def __init__(self, params, space, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  backend: str = "auto", init: str = "center", nonfinite: str = "raise"):
-        if lr < 0.0:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"invalid momentum: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        self._check_nonnegative(learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
