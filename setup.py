@@ -24,7 +24,7 @@ if os.environ.get("TWA_NO_EXTENSION") != "1":
         from extension_sources import extension_kwargs  # noqa: E402  (one list of sources and flags)
 
         kwargs = extension_kwargs(with_cuda=torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None,
-                                  native=False, relative=True)
+                                  native=os.environ.get("TWA_PORTABLE") != "1", relative=True)
         ext_cls = cpp_extension.CUDAExtension if kwargs.pop("with_cuda") else cpp_extension.CppExtension
         ext_modules = [ext_cls("twa_kernels._C", **kwargs)]
 

@@ -55,6 +55,7 @@ void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* par
 #pragma omp parallel
   {
     std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
+    std::vector<float> acc(n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
       const int64_t layer = t.prog_layer[p];
@@ -62,16 +63,18 @@ void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* par
       const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
       const grad_t* g = grad + t.param_off[layer] + row0;
       unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
-      float* acc = part_t + p * n;
-      for (int j = 0; j < n; ++j) acc[j] = 0.f;
+      float* __restrict__ a = acc.data();
+      const float* __restrict__ q = codes.data();
+      for (int j = 0; j < n; ++j) a[j] = 0.f;
       float gsum = 0.f;
       for (int64_t r = 0; r < rows; ++r) {
         const float gr = to_float(g[r]);
-        const float* q = codes.data() + r * n;
+        const float* q0 = q + r * n;
 #pragma omp simd
-        for (int j = 0; j < n; ++j) acc[j] += q[j] * gr;
+        for (int j = 0; j < n; ++j) a[j] += q0[j] * gr;
         gsum += gr;
       }
+      for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
       part_g[p] = gsum;
     }
   }
