@@ -113,6 +113,9 @@ def main(argv=None):
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="rows of the table")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every configuration this many times, interleaved, and take the median "
+                        "(guards the ratios against drift of a shared machine; default 3 on CPU, 1 on GPU)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     p.add_argument("--subspace", default=None, help=argparse.SUPPRESS)
@@ -120,8 +123,9 @@ def main(argv=None):
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     # The paper's configuration on a GPU; a small one that finishes in minutes on 2 CPU cores.
-    defaults = (dict(model="resnet50", batch=256, image_size=224, classes=1000, n=60, warmup=5, iters=20)
-                if gpu else dict(model="small", batch=16, image_size=64, classes=100, n=10, warmup=3, iters=10))
+    defaults = (dict(model="resnet50", batch=256, image_size=224, classes=1000, n=60, warmup=5, iters=20, rounds=1)
+                if gpu else dict(model="small", batch=16, image_size=64, classes=100, n=10, warmup=3, iters=10,
+                                 rounds=3))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -130,22 +134,26 @@ def main(argv=None):
         return
 
     visible = torch.cuda.device_count() if gpu else 1
-    results = {}
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("sgd", 1, None)]
         for k in args.gpus:
             cols = math.ceil(args.n / k)
             for name in ("twa_fp32", "twa_4bit"):
                 jobs.append((name, k, cols))
-        bar = tqdm(jobs, desc="table13", unit="config")
-        for name, k, cols in bar:
-            bar.set_postfix_str(f"{name} k={k}")
+        bar = tqdm([(r, *job) for r in range(args.rounds) for job in jobs], desc="table13", unit="run")
+        for rnd, name, k, cols in bar:
+            bar.set_postfix_str(f"round {rnd + 1}: {name} k={k}")
             path = None
             if cols is not None:
                 path = os.path.join(tmp, f"{name}_{cols}.safetensors")
                 if not os.path.exists(path):
                     build_subspace(args, cols, None if CONFIGS[name] == "fp32" else CONFIGS[name], path)
-            results[(name, k)] = run_worker(args, path)
+            runs.setdefault((name, k), []).append(run_worker(args, path))
+    results = {}
+    for key, rs in runs.items():
+        results[key] = dict(rs[0], time_s=median([r["time_s"] for r in rs]),
+                            round_times_s=[r["time_s"] for r in rs], peak_bytes=max(r["peak_bytes"] for r in rs))
 
     sgd = results[("sgd", 1)]
     rows, records = [], []
@@ -157,7 +165,8 @@ def main(argv=None):
             dm = 100 * (r["peak_bytes"] / sgd["peak_bytes"] - 1)
             paper_t, paper_m = PAPER.get(k, (None, None))
             paper = f"+{paper_t}% / +{paper_m}%" if name == "twa_4bit" and paper_t is not None else ""
-            rows.append([k, name, r["backend"], f"{1e3 * r['time_s']:.1f}", f"{dt:+.1f}%",
+            spread = f"{1e3 * min(r['round_times_s']):.1f}–{1e3 * max(r['round_times_s']):.1f}"
+            rows.append([k, name, r["backend"], f"{1e3 * r['time_s']:.1f}", spread, f"{dt:+.1f}%",
                          f"{r['peak_bytes'] / 2**20:.0f}", f"{dm:+.1f}%", f"{r['p_bytes'] / 2**20:.1f}",
                          paper, "" if name == "sgd" else measured])
             records.append({"gpus": k, "config": name, **r, "time_vs_sgd_pct": dt, "memory_vs_sgd_pct": dm})
@@ -167,8 +176,9 @@ def main(argv=None):
              f"{env['device']}, torch {env['torch']}, commit {str(env['commit'])[:10]}, {env['date']}\n\n"
              f"model {args.model} ({sgd['params']:,} parameters), batch {args.batch}, "
              f"3×{args.image_size}×{args.image_size}, {args.classes} classes, n = {args.n}, SGD momentum 0.9; "
-             f"time: median of {args.iters} steps after {args.warmup} warm-up; memory: {memory_kind}.\n\n")
-    header = ["GPUs", "config", "backend", "ms/step", "time vs SGD", "peak MiB", "memory vs SGD",
+             f"time: median over {args.rounds} interleaved round(s) of the median of {args.iters} steps after "
+             f"{args.warmup} warm-up; memory: {memory_kind}.\n\n")
+    header = ["GPUs", "config", "backend", "ms/step", "rounds (ms)", "time vs SGD", "peak MiB", "memory vs SGD",
               "P̃ MiB", "paper TWA (A100): time / memory", "what was measured"]
     md = title + markdown_table(header, rows)
     print(md)
