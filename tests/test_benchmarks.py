@@ -27,7 +27,8 @@ def test_resnet50_definition_matches_torchvision_size():
 
 def test_table13_small(tmp_path):
     out = run("-m", "benchmarks.table13", "--model", "small", "--batch", "2", "--image-size", "32",
-              "--n", "3", "--warmup", "1", "--iters", "2", "--gpus", "1", "2", "--out-dir", str(tmp_path))
+              "--n", "3", "--warmup", "1", "--iters", "2", "--rounds", "1", "--gpus", "1", "2",
+              "--out-dir", str(tmp_path))
     assert "Table 13 (CPU" in out and "one rank measured" in out
     data = json.loads(next(tmp_path.glob("table13_*.json")).read_text())
     configs = {(r["gpus"], r["config"]) for r in data["rows"]}
