@@ -1,6 +1,6 @@
 """twa_kernels: Trainable Weight Averaging with fused low-bit projection kernels."""
 
-from . import baselines
+from . import baselines, distributed, testing
 from .backends import available_backends
 from .baselines import ema, greedy_soup, lawa, swa, update_bn
 from .optim import ProjectedAdamW, ProjectedSGD
@@ -8,5 +8,5 @@ from .subspace import Subspace
 
 __version__ = "0.1.0"
 
-__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "baselines", "ema",
-           "greedy_soup", "lawa", "swa", "update_bn", "__version__"]
+__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "baselines", "distributed", "ema",
+           "greedy_soup", "lawa", "swa", "testing", "update_bn", "__version__"]

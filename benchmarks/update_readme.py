@@ -1,0 +1,48 @@
+"""Put the latest benchmark tables (benchmarks/results/*.md, each headed with its device, commit and
+date) into README.md between the results markers, with the command that reproduces each.
+
+    python -m benchmarks.update_readme
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SECTIONS = [  # (file prefix, title, command)
+    ("table13", "Table 13: cost of TWA beside SGD", "python -m benchmarks.table13"),
+    ("roofline_headline", "Projection step at ResNet-50 size (D = 25.6M, n = 60, 4 bits)",
+     "python -m benchmarks.roofline --headline"),
+    ("roofline", "Projection-step roofline sweep", "python -m benchmarks.roofline"),
+    ("distributed", "Distributed modes: communication and memory at ResNet-50 size", "python -m benchmarks.distributed"),
+    ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
+    ("streaming", "Streaming construction", "python -m benchmarks.streaming"),
+]
+
+
+def main():
+    parts = []
+    files = sorted(os.listdir(RESULTS))
+    for prefix, title, command in SECTIONS:
+        pattern = re.compile(rf"^{prefix}_(?!headline)[^_]*(_[a-z0-9]+)?\.md$" if prefix == "roofline"
+                             else rf"^{prefix}_.*\.md$")
+        for name in (f for f in files if pattern.match(f)):
+            with open(os.path.join(RESULTS, name)) as f:
+                body = f.read().strip()
+            pngs = [p for p in files if p.startswith(name[:-3]) and p.endswith(".png")]
+            images = "".join(f"\n\n![{p}](benchmarks/results/{p})" for p in pngs)
+            parts.append(f"### {title}\n\n`{command}` → `benchmarks/results/{name[:-3]}.json`\n\n{body}{images}\n")
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    new = text[: text.index(start) + len(start)] + "\n" + "\n".join(parts) + text[text.index(end):]
+    with open(readme, "w") as f:
+        f.write(new)
+    print(f"README.md: {len(parts)} result tables")
+
+
+if __name__ == "__main__":
+    main()
