@@ -105,6 +105,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="use checkpoint files already in --dir")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -113,7 +114,11 @@ def main(argv=None):
         return
     model = GPT2Shapes()
     numel = sum(p.numel() for p in model.parameters())
-    paths = write_checkpoints(model, args.n, args.dir)
+    existing = [os.path.join(args.dir, f"ckpt_{i:03d}.safetensors") for i in range(args.n)]
+    if args.reuse and all(os.path.exists(x) for x in existing):
+        paths = existing
+    else:
+        paths = write_checkpoints(model, args.n, args.dir)
     on_disk = sum(os.path.getsize(x) for x in paths)
     out = os.path.join(args.dir, "subspace.safetensors")
     try:

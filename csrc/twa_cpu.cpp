@@ -49,35 +49,43 @@ inline float to_float(double x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-template <typename grad_t>
-void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+// Runs fn(p, layer, row0, rows, codes, scratch) for every program, in parallel, with the program's
+// codes unpacked to floats in a per-thread buffer and n floats of per-thread scratch.
+template <typename Fn>
+void for_each_program(const Tables& t, Fn&& fn) {
   const int n = t.n;
 #pragma omp parallel
   {
     std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
-    std::vector<float> acc(n);
+    std::vector<float> scratch(n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
       const int64_t layer = t.prog_layer[p];
       const int64_t row0 = t.prog_row[p];
       const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
-      const grad_t* g = grad + t.param_off[layer] + row0;
       unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
-      float* __restrict__ a = acc.data();
-      const float* __restrict__ q = codes.data();
-      for (int j = 0; j < n; ++j) a[j] = 0.f;
-      float gsum = 0.f;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float gr = to_float(g[r]);
-        const float* q0 = q + r * n;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) a[j] += q0[j] * gr;
-        gsum += gr;
-      }
-      for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
-      part_g[p] = gsum;
+      fn(p, layer, row0, rows, codes.data(), scratch.data());
     }
   }
+}
+
+template <typename grad_t>
+void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+  const int n = t.n;
+  for_each_program(t, [&](int64_t p, int64_t layer, int64_t row0, int64_t rows, const float* q, float* a) {
+    const grad_t* g = grad + t.param_off[layer] + row0;
+    for (int j = 0; j < n; ++j) a[j] = 0.f;
+    float gsum = 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float gr = to_float(g[r]);
+      const float* qr = q + r * n;
+#pragma omp simd
+      for (int j = 0; j < n; ++j) a[j] += qr[j] * gr;
+      gsum += gr;
+    }
+    for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
+    part_g[p] = gsum;
+  });
 }
 
 void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out) {
@@ -97,40 +105,30 @@ void reduce_partials(const Tables& t, const float* part_t, const float* part_g, 
 template <typename w_t>
 void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
   const int n = t.n;
-#pragma omp parallel
-  {
-    std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
-    std::vector<float> u(n);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < t.num_programs; ++p) {
-      const int64_t layer = t.prog_layer[p];
-      const int64_t row0 = t.prog_row[p];
-      const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
-      float s = 0.f;
-      for (int j = 0; j < n; ++j) {
-        u[j] = t.scale[layer * n + j] * delta[layer * n + j];
-        s += t.zero[layer * n + j] * delta[layer * n + j];
-      }
-      unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
-      const int64_t base = t.param_off[layer] + row0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* q = codes.data() + r * n;
-        float dot = 0.f;
+  for_each_program(t, [&](int64_t, int64_t layer, int64_t row0, int64_t rows, const float* q, float* u) {
+    float s = 0.f;
+    for (int j = 0; j < n; ++j) {
+      u[j] = t.scale[layer * n + j] * delta[layer * n + j];
+      s += t.zero[layer * n + j] * delta[layer * n + j];
+    }
+    const int64_t base = t.param_off[layer] + row0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * n;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int j = 0; j < n; ++j) dot += q[j] * u[j];
-        const float dw = dot + s;
-        w_t& w = weights[base + r];
-        if (comp != nullptr) {  // Kahan: the same operation order as the torch reference
-          const float y = to_float(w) + (dw + static_cast<float>(comp[base + r]));
-          const w_t rounded = static_cast<w_t>(y);
-          comp[base + r] = static_cast<c10::BFloat16>(y - to_float(rounded));
-          w = rounded;
-        } else {
-          w = static_cast<w_t>(to_float(w) + dw);
-        }
+      for (int j = 0; j < n; ++j) dot += qr[j] * u[j];
+      const float dw = dot + s;
+      w_t& w = weights[base + r];
+      if (comp != nullptr) {  // Kahan: the same operation order as the torch reference
+        const float y = to_float(w) + (dw + static_cast<float>(comp[base + r]));
+        const w_t rounded = static_cast<w_t>(y);
+        comp[base + r] = static_cast<c10::BFloat16>(y - to_float(rounded));
+        w = rounded;
+      } else {
+        w = static_cast<w_t>(to_float(w) + dw);
       }
     }
-  }
+  });
 }
 
 }  // namespace

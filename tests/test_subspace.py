@@ -219,6 +219,18 @@ class TestBadInput:
         with pytest.raises(ValueError, match="scale mode"):
             build(model, ckpts, scale="tensor")
 
+    def test_corrupt_safetensors_checkpoint(self, tmp_path):
+        model = make_model(dtype=torch.float32)
+        ckpts = make_checkpoints(model, 2)
+        paths = []
+        for i, ck in enumerate(ckpts):
+            paths.append(tmp_path / f"c{i}.safetensors")
+            save_file({k: v.contiguous() for k, v in ck.items()}, paths[-1])
+        raw = bytearray(paths[1].read_bytes())
+        paths[1].write_bytes(bytes(raw[:-4]))  # truncated: the last tensor's bytes run past the end
+        with pytest.raises(ValueError, match=r"c1\.safetensors: tensor .* inconsistent offsets"):
+            build(model, [str(p) for p in paths])
+
     def test_code_is_never_run(self, tmp_path):
         model = make_model()
         path = tmp_path / "evil.pt"

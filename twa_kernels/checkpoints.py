@@ -8,6 +8,7 @@ be built from many checkpoints that together are far larger than memory.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -22,23 +23,72 @@ def _label(source, index: int) -> str:
     return f"checkpoint {index}"
 
 
-class _SafetensorsSource:
-    def __init__(self, path: str):
-        from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
-        self._file = safe_open(path, framework="pt", device="cpu")
-        self._keys = set(self._file.keys())
+
+class _SafetensorsSource:
+    """Rows of a tensor in a .safetensors file read with one ``pread`` each.
+
+    safetensors' own loader memory-maps the file; for checkpoint sets larger than memory, page-faulting
+    through the maps costs more system time than the reading itself, so the row range is read straight
+    into a buffer instead. The header is parsed as the format specifies (8-byte little-endian length,
+    JSON of dtype, shape and byte offsets) and checked against the file size."""
+
+    def __init__(self, path: str):
+        import json
+
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path} is not a safetensors file (too short)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(f"{path} is not a safetensors file (header length {n} past the end)")
+            header = json.loads(f.read(n))
+        self._path = path
+        self._base = 8 + n
+        self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        for name, info in self._meta.items():
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+            begin, end = info["data_offsets"]
+            expected = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != expected or self._base + end > size:
+                raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets (corrupt file?)")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def keys(self):
-        return self._keys
+        return self._meta.keys()
 
     def shape(self, name):
-        return tuple(self._file.get_slice(name).get_shape())
+        return tuple(self._meta[name]["shape"])
 
     def rows(self, name, start, stop):
-        if not self.shape(name):  # 0-d tensors cannot be sliced
-            return self._file.get_tensor(name).reshape(1)
-        return self._file.get_slice(name)[start:stop]
+        info = self._meta[name]
+        shape = info["shape"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        if not shape:  # 0-d tensors cannot be sliced
+            start, stop, shape = 0, 1, [1]
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        inner = math.prod(shape[1:])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = (stop - start) * inner * itemsize
+        buf = bytearray(nbytes)
+        offset = self._base + info["data_offsets"][0] + start * inner * itemsize
+        got = os.preadv(self._fd, [buf], offset) if nbytes else 0
+        if got != nbytes:
+            raise ValueError(f"{self._path}: short read of tensor {name!r}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:]) if nbytes else \
+            torch.empty(0, *shape[1:], dtype=dtype)
 
 
 class _MappingSource:
@@ -128,10 +178,12 @@ class CheckpointSet:
 
     def rows(self, name: str, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
         """Rows [start, stop) along dim 0 of one tensor from every checkpoint, flattened: [n, m]."""
-        out = []
-        for label, source in zip(self.labels, self.sources):
-            chunk = source.rows(name, start, stop).to(dtype).reshape(-1)
+        out = None
+        for i, (label, source) in enumerate(zip(self.labels, self.sources)):
+            chunk = source.rows(name, start, stop).reshape(-1)
             if not torch.isfinite(chunk).all():
                 raise ValueError(f"{label}: parameter {name!r} contains NaN or Inf")
-            out.append(chunk)
-        return torch.stack(out)
+            if out is None:
+                out = torch.empty(len(self.sources), chunk.numel(), dtype=dtype)
+            out[i].copy_(chunk)  # converts to float64 in place: no per-checkpoint temporaries
+        return out

@@ -98,7 +98,7 @@ class Subspace:
     @classmethod
     def from_checkpoints(cls, model: torch.nn.Module, checkpoints: Sequence, bits: int | None = 4,
                          decouple: str = "center", layers: str = "param", scale: str = "layer",
-                         progress: bool | None = None, chunk_bytes: int = 256 << 20,
+                         progress: bool | None = None, chunk_bytes: int = 48 << 20,
                          shard: str | None = None, process_group=None) -> "Subspace":
         """Build the subspace of ``checkpoints`` (state_dicts or ``.pt`` / ``.safetensors`` paths).
 
@@ -107,6 +107,9 @@ class Subspace:
         the norm of its fp64 column (at 1–2 bits min-max codes otherwise inflate column norms by
         roughly max|P|·√D_l, which makes a learning rate tuned at 4 bits diverge).
         ``progress``: show a progress bar (``None``: only on a terminal).
+        ``chunk_bytes``: memory for the float64 work arrays of one chunk. The default keeps each array
+        below glibc's mmap threshold (32 MiB), so freed chunks are reused instead of being mapped and
+        zero-filled again (which cost more system time than the arithmetic at 30 GB of checkpoints).
         ``shard``: ``"replicate"``, ``"rows"`` or ``"columns"`` builds this rank's part for distributed
         training over ``process_group`` (default: the world); see :mod:`twa_kernels.distributed`.
         Every rank must call this with the same checkpoints; they are compared first.
@@ -470,20 +473,23 @@ class _Builder:
         lo = torch.full((n,), math.inf, dtype=torch.float64)
         hi = torch.full((n,), -math.inf, dtype=torch.float64)
         gram = torch.zeros(n, n, dtype=torch.float64) if self.decouple == "gram_schmidt" else None
+        mode = self.decouple
         for name, e0, e1, at in self._chunks(layer):
             x = self._read(name, e0, e1)  # [n, m]
             # Centre on checkpoint 0 first: differences of fp32 values are exact in fp64, so
             # identical checkpoints centre to exactly zero.
-            diff = x - x[0]
-            mean_diff = diff.mean(dim=0)
+            dev = x - x[0]
+            mean_diff = dev.mean(dim=0)
             center_out[at:at + x.shape[1]] = (x[0] + mean_diff).float()
-            dev = diff - mean_diff
-            dev_sq += (dev * dev).sum(dim=1)
-            raw_sq += (x * x).sum(dim=1)
-            src = dev if self.decouple == "center" else x
-            lo = torch.minimum(lo, src.min(dim=1).values)
-            hi = torch.maximum(hi, src.max(dim=1).values)
-            if gram is not None:
+            dev -= mean_diff
+            dev_sq += torch.linalg.vector_norm(dev, dim=1) ** 2  # every mode: is the layer frozen?
+            if mode == "none":
+                raw_sq += torch.linalg.vector_norm(x, dim=1) ** 2
+            if mode != "gram_schmidt":  # Gram-Schmidt takes its extremes in pass 2
+                src = dev if mode == "center" else x
+                lo = torch.minimum(lo, src.amin(dim=1))
+                hi = torch.maximum(hi, src.amax(dim=1))
+            else:
                 gram += x @ x.T
             bar.update(x.numel() * 4)
         dev_sq, raw_sq = self._reduce(dev_sq, "sum"), self._reduce(raw_sq, "sum")
