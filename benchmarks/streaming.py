@@ -137,8 +137,7 @@ def main(argv=None):
           f"commit {str(env['commit'])[:10]}, {env['date']}: {args.n} checkpoints × {numel:,} parameters "
           f"= {on_disk / 1e9:.1f} GB on disk (fp32 .safetensors) → {args.bits}-bit subspace of "
           f"{r['subspace_bytes'] / 1e9:.2f} GB in {r['build_s']:.0f} s; peak anonymous memory "
-          f"{r.get('peak_anon_bytes', 0) / 2**30:.2f} GiB, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-          f"(RSS includes the clean, reclaimable pages of the memory-mapped checkpoints).\n")
+          f"{r.get('peak_anon_bytes', 0) / 2**30:.2f} GiB, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB.\n")
     print(md)
     save("streaming", device, {"checkpoint_bytes": on_disk, **r}, md, out_dir=args.out_dir)
 
