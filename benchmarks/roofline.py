@@ -159,8 +159,10 @@ def main(argv=None):
     print(md)
     name = "roofline_headline" if args.headline else "roofline"
     path = save(name, device, {"copy_GBps": copy_bw / 1e9, "rows": rows}, md, out_dir=args.out_dir)
-    plot(rows, copy_bw, path.replace(".json", ".png"), title[:110])
-    print(f"saved {path} and {path.replace('.json', '.png')}")
+    if len({b for b in bits if b != "fp32"}) > 1:  # a plot over bit widths needs more than one
+        plot(rows, copy_bw, path.replace(".json", ".png"), title[:110])
+        print(f"saved {path.replace('.json', '.png')}")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":
