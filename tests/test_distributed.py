@@ -83,6 +83,25 @@ def test_shards_save_load_per_rank_and_world_size_is_checked(tmp_path):
         assert "same world size" in r["world_error"]
 
 
+def test_launch_with_torchrun(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:  # one free port, the same for every rank
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).with_name("torchrun_script.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"torchrun_rank{r}.pt", weights_only=True) for r in range(2))
+    assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["beta"], r1["beta"])
+    assert torch.isfinite(r0["beta"]).all() and r0["beta"].abs().sum() > 0
+
+
 def test_sharding_needs_an_initialised_group():
     model = dist_worker.make_model(d_in=5, hidden=7, d_out=3)
     with pytest.raises(RuntimeError, match="init_process_group"):
