@@ -32,48 +32,22 @@ def random_projection(sizes, n: int, bits: int, seed: int = 0, dyadic: bool = Fa
 def layer_sizes_like_a_cnn(total: int, num_layers: int = 161) -> tuple[int, ...]:
     """``num_layers`` sizes summing to ``total``: a few large weight tensors and many small ones
     (biases, norms), roughly as in a ResNet-50, including one-element layers."""
+    if total < num_layers:
+        raise ValueError(f"cannot split {total} parameters into {num_layers} non-empty layers")
+    if total < 4 * num_layers:  # too few to shape: as even a split as possible
+        base, extra = divmod(total, num_layers)
+        return tuple(base + (i < extra) for i in range(num_layers))
     big = num_layers // 3
     small = num_layers - big
     small_sizes = [1 if i % 10 == 0 else 64 * (1 + i % 8) for i in range(small)]
+    budget = total // 4  # small tensors hold at most a quarter of the parameters
+    if sum(small_sizes) > budget:
+        factor = budget / sum(small_sizes)
+        small_sizes = [max(1, int(x * factor)) for x in small_sizes]
     rest = total - sum(small_sizes)
-    weights = torch.linspace(1.0, 4.0, big) ** 2
-    big_sizes = (weights / weights.sum() * rest).long().tolist()
+    weights = torch.linspace(1.0, 4.0, big, dtype=torch.float64) ** 2
+    big_sizes = [max(1, int(x)) for x in (weights / weights.sum() * rest).tolist()]
     big_sizes[-1] += rest - sum(big_sizes)
-    return tuple(int(s) for s in big_sizes + small_sizes)
-
-
-def synthetic_subspace(model, n: int, bits: int | None, shard: str | None = None, process_group=None,
-                       seed: int = 0):
-    """A Subspace for ``model`` with random codes and no checkpoints behind it, built (per rank, when
-    ``shard`` is given) at any size in the time it takes to draw the codes: for cost benchmarks."""
-    import torch.distributed as dist
-
-    from .distributed import Shard, group_or_world, local_ranges
-    from .subspace import Subspace, trainable_parameters
-
-    named = trainable_parameters(model)
-    sizes = tuple(p.numel() for _, p in named)
-    plan = None
-    if shard is not None:
-        process_group = group_or_world(process_group)
-        plan = Shard.plan(shard, sum(sizes), n, dist.get_world_size(process_group), dist.get_rank(process_group))
-    local = [b - a for a, b in local_ranges(sizes, plan)]
-    n_local = plan.col_stop - plan.col_start if plan is not None and plan.mode == "columns" else n
-    if bits is None:
-        lay = LayerLayout(tuple(local), n_local, None)
-        gen = torch.Generator().manual_seed(seed)
-        proj = PackedProjection(lay, torch.zeros(len(sizes), n_local), torch.zeros(len(sizes), n_local),
-                                dense_rows=torch.randn(lay.numel, n_local, generator=gen) * 1e-3)
-    else:
-        proj = random_projection(local, n_local, bits, seed=seed)
-    gscale = torch.full((len(sizes), n), 1e-3)
-    cols = slice(plan.col_start, plan.col_stop) if plan is not None and plan.mode == "columns" else slice(None)
-    proj.scale, proj.zero = gscale[:, cols].contiguous(), torch.zeros(len(sizes), n_local)
-    center = torch.cat([p.detach().reshape(-1).float() for _, p in named])
-    if plan is not None and plan.mode == "rows":
-        center = center[plan.row_start:plan.row_stop].clone()
-    return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers="param",
-                    decouple="center", scale="layer", center=center, projection=proj,
-                    col_norms=torch.ones(len(sizes), n, dtype=torch.float64), transform=None,
-                    frozen=torch.zeros(len(sizes), dtype=torch.bool), layer_sizes=sizes, global_scale=gscale,
-                    global_zero=torch.zeros(len(sizes), n), shard=plan, process_group=process_group)
+    sizes = tuple(int(x) for x in big_sizes + small_sizes)
+    assert sum(sizes) == total and min(sizes) >= 1
+    return sizes
