@@ -71,3 +71,13 @@ def test_readme_names_the_two_commands():
     assert "python -m benchmarks.table13" in text
     assert "TRITON_INTERPRET=1 python -m pytest -q tests" in text
     assert "TRITON_INTERPRET=1 python -m pytest -q tests" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("total", [161, 643, 644, 20_000, 1_000_000, 25_557_032])
+def test_synthetic_layer_sizes(total):
+    from twa_kernels.testing import layer_sizes_like_a_cnn
+
+    sizes = layer_sizes_like_a_cnn(total)
+    assert len(sizes) == 161 and sum(sizes) == total and min(sizes) >= 1
+    with pytest.raises(ValueError, match="cannot split"):
+        layer_sizes_like_a_cnn(100)
