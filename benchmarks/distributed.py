@@ -83,10 +83,10 @@ def main(argv=None):
     device = torch.device("cuda" if backend == "nccl" else "cpu")
     env = environment(device)
     ddp = results[0]["ddp_sgd"]["bytes_per_step"]["all_reduce"]
-    from twa_kernels.distributed import Communicator
+    from twa_kernels.distributed import ring_wire_bytes
 
     def wire(per):  # each rank's link under ring algorithms, from the counted payloads
-        return sum(Communicator.WIRE_FACTOR[k](args.world) * v for k, v in per.items())
+        return ring_wire_bytes(per, args.world)
 
     ddp_wire = wire(results[0]["ddp_sgd"]["bytes_per_step"])
     rows = []

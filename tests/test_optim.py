@@ -139,6 +139,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cls, hp):
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == hp["lr"] * 0.5**4
 
 
+def test_sync_weights_restores_the_point_from_the_optimizer_state_alone():
+    model = make_model()
+    space = twa.Subspace.from_checkpoints(model, make_checkpoints(model, 5), bits=4, progress=False)
+    opt = twa.ProjectedSGD(model.parameters(), space, lr=0.1, momentum=0.9)
+    run_steps(model, opt, batches(6))
+    fresh = make_model(seed=7)
+    opt2 = twa.ProjectedSGD(fresh.parameters(), space, lr=0.1, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())  # weights still at w̄: β alone does not move them
+    opt2.sync_weights()
+    beta = opt.beta
+    exact = torch.cat([space.center[s].double() + space.projection.dequantize(l, dtype=torch.float64) @ beta[l]
+                       for l, s in enumerate(space.layer_slices())])
+    got = torch.cat([p.detach().reshape(-1) for p in fresh.parameters()])
+    trained = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(got, exact, rtol=0, atol=1e-12)  # float64 model: w̄ + P̃β in one pass
+    assert torch.allclose(got, trained, rtol=0, atol=1e-12)  # the point the trained run reached
+
+
 def test_lr_scheduler_drives_the_step():
     model = make_model()
     ckpts = make_checkpoints(model, 4)

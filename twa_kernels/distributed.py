@@ -162,12 +162,12 @@ class Communicator:
         _all_gather(output, input, group=self.group)
 
     def wire_bytes(self) -> float:
-        k = self.world_size
-        return sum(self.WIRE_FACTOR[kind](k) * b for kind, b in self.payload.items())
+        return ring_wire_bytes(self.payload, self.world_size)
 
-    def reset(self):
-        self.payload.clear()
-        self.calls.clear()
+
+def ring_wire_bytes(payload: dict, world_size: int) -> float:
+    """Bytes on each rank's link under ring algorithms, from per-kind payloads (see Communicator)."""
+    return sum(Communicator.WIRE_FACTOR[kind](world_size) * b for kind, b in payload.items())
 
 
 def skip_gradient_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel):

@@ -249,8 +249,9 @@ class Subspace:
 
     def _compute_fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        tensors = self._tensors()
         for key in ("scale", "zero", "col_norms", "frozen"):
-            h.update(self._tensors()[key].contiguous().cpu().numpy().tobytes())
+            h.update(tensors[key].contiguous().cpu().numpy().tobytes())
         if self.transform is not None:
             h.update(self.transform.contiguous().numpy().tobytes())
         return h.hexdigest()[:32]

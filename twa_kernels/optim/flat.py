@@ -53,11 +53,3 @@ class FlatParameters:
         for p, view in zip(self.params, self.grad_views):
             if p.grad is not view:
                 p.grad = view
-
-    def check_intact(self) -> None:
-        for p, view in zip(self.params, self.data_views):
-            if p.data_ptr() != view.data_ptr():
-                raise RuntimeError(
-                    "a parameter no longer lives in the optimizer's flat buffer (was the model moved "
-                    "with .to() or its parameters replaced after the optimizer was built?); build the "
-                    "optimizer after moving the model")
