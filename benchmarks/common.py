@@ -58,8 +58,9 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # A copy of the tree without .git (the lent GPU machine) passes the commit in TWA_COMMIT.
+        "commit": git("rev-parse", "HEAD") or os.environ.get("TWA_COMMIT"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if git("rev-parse", "HEAD") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
     }

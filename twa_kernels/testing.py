@@ -11,14 +11,18 @@ def random_projection(sizes, n: int, bits: int, seed: int = 0, dyadic: bool = Fa
                       device="cpu") -> PackedProjection:
     """A packed P̃ with uniformly random codes; the unused tail bits of each layer are zero as the
     packer leaves them. ``dyadic``: scale 2^-4 and zeros on the 2^-4 grid, so that with small-integer
-    inputs every product and sum a kernel forms is exact in fp32."""
+    inputs every product and sum a kernel forms is exact in fp32. On a CUDA ``device`` the words are
+    drawn there directly (uniform codes, random tail bits), which benchmark-sized P̃ needs."""
     gen = torch.Generator().manual_seed(seed)
     lay = LayerLayout(tuple(sizes), n, bits)
-    words = torch.empty(lay.num_words, dtype=torch.int32)
-    offs = lay.word_offsets.tolist()
-    for l, size in enumerate(sizes):
-        codes = torch.randint(0, 2**bits, (size * n,), generator=gen, dtype=torch.uint8)
-        words[offs[l]:offs[l + 1]] = pack_codes(codes, bits)
+    if torch.device(device).type == "cuda":
+        words = _random_words_on(lay.num_words, torch.device(device), seed)
+    else:
+        words = torch.empty(lay.num_words, dtype=torch.int32)
+        offs = lay.word_offsets.tolist()
+        for l, size in enumerate(sizes):
+            codes = torch.randint(0, 2**bits, (size * n,), generator=gen, dtype=torch.uint8)
+            words[offs[l]:offs[l + 1]] = pack_codes(codes, bits)
     L = len(sizes)
     if dyadic:
         scale = torch.full((L, n), 2.0**-4)
@@ -27,6 +31,15 @@ def random_projection(sizes, n: int, bits: int, seed: int = 0, dyadic: bool = Fa
         scale = torch.rand(L, n, generator=gen) * 0.1
         zero = torch.randn(L, n, generator=gen) * 0.1
     return PackedProjection(lay, scale, zero, words).to(device)
+
+
+def _random_words_on(num_words: int, device: torch.device, seed: int, chunk: int = 1 << 26) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    words = torch.empty(num_words, dtype=torch.int32, device=device)
+    for start in range(0, num_words, chunk):  # int64 draws in chunks: all 32 bits uniform
+        part = words[start:start + chunk]
+        part.copy_(torch.randint(-(2**31), 2**31, part.shape, generator=gen, device=device))
+    return words
 
 
 def layer_sizes_like_a_cnn(total: int, num_layers: int = 161) -> tuple[int, ...]:

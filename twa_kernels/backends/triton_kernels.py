@@ -20,6 +20,7 @@ room for a register-unpacking variant on the same format once it can be profiled
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -91,8 +92,107 @@ if AVAILABLE:
         tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
 
     @triton.jit
+    def _code_to_float(q):
+        """Exact int → fp32 for codes < 2^23 without the conversion unit (a quarter of the FMA rate on
+        recent GPUs): 0x4B000000 | q is the float 2^23 + q."""
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _slot_codes(words_ptr, num_words, first_word, rel_word, shift, mask, BITS: tl.constexpr):
+        """Codes [R, S, 32 / BITS] as floats. Slot ``s`` of a row holds its columns
+        ``[32s / BITS, 32(s + 1) / BITS)``: the 32 bits at bit ``row·n·BITS + 32·s`` of the layer's
+        stream, one funnel shift of two neighbouring words (``rel_word`` [R, S, 1] from ``first_word``,
+        ``shift`` [R, 1, 1]), then unpacked in registers with compile-time shifts."""
+        ptr = words_ptr + first_word + rel_word
+        words_left = tl.minimum(num_words - first_word, 1 << 30).to(tl.int32)  # the last slot's 2nd word
+        lo = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        hi = tl.load(ptr + 1, mask=mask & (rel_word + 1 < words_left), other=0)
+        hi = hi.to(tl.uint32, bitcast=True).to(tl.uint64)
+        x = (((hi << 32) | lo) >> shift).to(tl.uint32)
+        j = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)[None, None, :]
+        return _code_to_float((x >> j) & ((1 << BITS) - 1))
+
+    @triton.jit
+    def _slot_cols(slots, BITS: tl.constexpr):
+        """Column of each element of :func:`_slot_codes` for these slots: [S, 32 / BITS]."""
+        return slots[:, None] * (32 // BITS) + tl.arange(0, 32 // BITS)[None, :]
+
+    @triton.jit
+    def _row_bits(n, BITS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Tile-relative row index, and each row's first word and bit shift. The engine makes
+        BLOCK_R·n·BITS a multiple of 32, so these are the same for every tile of rows."""
+        i = tl.arange(0, BLOCK_R)
+        bit = i * (n * BITS)
+        return i, bit >> 5, (bit & 31).to(tl.uint64)[:, None, None]
+
+    @triton.jit
+    def _slots_project_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr,
+                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots, n_windows,
+                              BITS: tl.constexpr, SLOTS: tl.constexpr,
+                              N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
+        pid, layer, row0, row_end, word_base, param_base = _program(
+            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
+        i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        gacc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for win in range(n_windows):
+            slots = win * SLOTS + tl.arange(0, SLOTS)
+            slot_mask = (slots < n_slots)[None, :, None]
+            rel_word = row_word[:, None, None] + slots[None, :, None]
+            acc = tl.zeros([BLOCK_R, SLOTS, 32 // BITS], dtype=tl.float32)
+            for r in range(0, ROWS, BLOCK_R):
+                row_mask = i < (row_end - row0 - r).to(tl.int32)
+                g = tl.load(grad_ptr + param_base + row0 + r + i, mask=row_mask, other=0.0).to(tl.float32)
+                first_word = word_base + ((row0 + r) * n * BITS >> 5)
+                q = _slot_codes(words_ptr, num_words, first_word, rel_word, shift,
+                                row_mask[:, None, None] & slot_mask, BITS)
+                acc += q * g[:, None, None]
+                gacc += tl.where(win == 0, g, 0.0)
+            tl.store(part_t_ptr + pid * N_PAD + _slot_cols(slots, BITS), tl.sum(acc, axis=0),
+                     mask=(slots < n_slots)[:, None])
+        tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
+
+    @triton.jit
+    def _slots_expand_kernel(words_ptr, w_ptr, comp_ptr, u_ptr, s_ptr, prog_layer_ptr, prog_row_ptr,
+                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots, n_windows,
+                             BITS: tl.constexpr, SLOTS: tl.constexpr,
+                             N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
+                             HAS_COMP: tl.constexpr):
+        pid, layer, row0, row_end, word_base, param_base = _program(
+            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
+        i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        s = tl.load(s_ptr + layer)  # Σ_j zero_j Δβ_j
+        for r in range(0, ROWS, BLOCK_R):
+            rows_left = i < (row_end - row0 - r).to(tl.int32)
+            row_mask = rows_left[:, None, None]
+            first_word = word_base + ((row0 + r) * n * BITS >> 5)
+            dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for win in range(n_windows):
+                slots = win * SLOTS + tl.arange(0, SLOTS)
+                # scale ∘ Δβ, zero past n: masks the padding
+                u = tl.load(u_ptr + layer * N_PAD + _slot_cols(slots, BITS))
+                q = _slot_codes(words_ptr, num_words, first_word, row_word[:, None, None] + slots[None, :, None], shift,
+                                row_mask & (slots < n_slots)[None, :, None], BITS)
+                dw += tl.sum(tl.sum(q * u[None, :, :], axis=2), axis=1)
+            _update_weights(w_ptr, comp_ptr, param_base + row0 + r + i, rows_left, dw + s, HAS_COMP)
+
+    @triton.jit
+    def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
+        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order."""
+        ptr = w_ptr + offs
+        w = tl.load(ptr, mask=mask, other=0.0)
+        if HAS_COMP:
+            cptr = comp_ptr + offs
+            comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
+            y = w.to(tl.float32) + (dw + comp)
+            new = _round_to(y, w_ptr.dtype.element_ty)
+            tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptr, new, mask=mask)
+        else:
+            tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, scale_ptr, zero_ptr, out_ptr, n,
-                               N_P2: tl.constexpr):
+                               N_PAD: tl.constexpr, N_P2: tl.constexpr):
         layer = tl.program_id(0).to(tl.int64)
         first = tl.load(layer_prog_ptr + layer)
         last = tl.load(layer_prog_ptr + layer + 1)
@@ -101,7 +201,7 @@ if AVAILABLE:
         t = tl.zeros([N_P2], dtype=tl.float32)
         gsum = tl.zeros([1], dtype=tl.float32)
         for p in range(first, last):  # fixed order: reproducible sums
-            t += tl.load(part_t_ptr + p * N_P2 + cols)
+            t += tl.load(part_t_ptr + p * N_PAD + cols, mask=col_mask, other=0.0)
             gsum += tl.load(part_g_ptr + p + tl.zeros([1], dtype=tl.int64))
         scale = tl.load(scale_ptr + layer * n + cols, mask=col_mask, other=0.0)
         zero = tl.load(zero_ptr + layer * n + cols, mask=col_mask, other=0.0)
@@ -124,50 +224,65 @@ if AVAILABLE:
             row_mask = rows < row_end
             q = _codes(words_ptr, word_base, rows, cols, n, row_mask, col_mask, BITS, LOG2_PER_WORD)
             dw = tl.sum(q.to(tl.float32) * u[None, :], axis=1) + s
-            ptr = w_ptr + param_base + rows
-            w = tl.load(ptr, mask=row_mask, other=0.0)
-            if HAS_COMP:
-                cptr = comp_ptr + param_base + rows
-                comp = tl.load(cptr, mask=row_mask, other=0.0).to(tl.float32)
-                y = w.to(tl.float32) + (dw + comp)
-                new = _round_to(y, w_ptr.dtype.element_ty)
-                tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=row_mask)
-                tl.store(ptr, new, mask=row_mask)
-            else:
-                tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=row_mask)
+            _update_weights(w_ptr, comp_ptr, param_base + rows, row_mask, dw, HAS_COMP)
 
 
 class TritonEngine:
+    """P̃ on one device and the two fused launches (plus the small ordered reduction of ``project``).
+
+    ``layout="slots"`` (default) unpacks in registers: a tile is ``[rows, slots, codes per word]``
+    and each slot's 32 bits come from one funnel shift of two words; ``layout="gather"`` fetches
+    every code with its own (L1-cached) gather of its word, the simpler first design, kept for
+    comparison in ``benchmarks/``.
+    """
+
     name = "triton"
 
-    def __init__(self, projection: PackedProjection, device: torch.device,
-                 block_rows: int | None = None, rows_per_program: int | None = None):
+    def __init__(self, projection: PackedProjection, device: torch.device, block_rows: int | None = None,
+                 rows_per_program: int | None = None, layout: str = "slots", tile_codes: int | None = None,
+                 num_warps: int = 4):
         if not AVAILABLE:
             raise RuntimeError("triton is not installed")
+        if layout not in ("slots", "gather"):
+            raise ValueError(f"layout must be 'slots' or 'gather', not {layout!r}")
         lay = projection.layout
-        self.layout = lay
-        self.n = lay.n
+        self.layout, self.kind, self.num_warps = lay, layout, num_warps
+        self.n, self.bits = lay.n, lay.bits
+        self.per_word = codes_per_word(lay.bits)
+        self.log2_per_word = self.per_word.bit_length() - 1
         self.n_p2 = max(16, next_pow2(lay.n))
         # Tiles of about 4K codes on a GPU; the CPU interpreter runs one program at a time, so there
         # fewer, larger programs are much faster.
-        default_block = max(16, 4096 // self.n_p2) if not INTERPRET else max(16, 65536 // self.n_p2)
-        self.block_rows = block_rows or default_block
-        self.rows = rows_per_program or (self.block_rows * (8 if not INTERPRET else 4))
-        if self.rows % self.block_rows:
-            raise ValueError("rows_per_program must be a multiple of block_rows")
-        self.bits = lay.bits
-        self.log2_per_word = codes_per_word(lay.bits).bit_length() - 1
+        tile = tile_codes or (65536 if INTERPRET else 4096)
+        if layout == "slots":
+            self.n_slots = -(-lay.n // self.per_word)
+            self.slots = window_slots(self.n_slots)
+            self.n_windows = -(-self.n_slots // self.slots)
+            self.n_pad = self.n_windows * self.slots * self.per_word
+            default_block = max(1, tile // (self.slots * self.per_word))
+        else:
+            self.n_pad = self.n_p2
+            default_block = max(16, tile // self.n_p2)
+        block_rows = block_rows or next_pow2(default_block)
+        if layout == "slots":  # every tile of rows starts on a word: BLOCK_R·n·bits ≡ 0 (mod 32)
+            align = 32 // math.gcd(lay.n * lay.bits, 32)
+            block_rows = -(-block_rows // align) * align
+        self.block_rows = block_rows
+        rows = rows_per_program or (block_rows * (8 if not INTERPRET else 4))
+        self.rows = -(-rows // block_rows) * block_rows
+        if self.block_rows * lay.n * lay.bits >= 2**31:
+            raise ValueError("block_rows · n · bits must stay below 2^31")
         self.words = projection.words.to(device)
         self.scale = projection.scale.to(device).contiguous()
         self.zero = projection.zero.to(device).contiguous()
-        self.word_off = lay.word_offsets[:-1].to(device)
+        self.word_off = lay.word_offsets.to(device)  # L + 1 entries: a layer's end is the next start
         self.param_off = lay.param_offsets[:-1].to(device)
         self.sizes = torch.tensor(lay.sizes, dtype=torch.int64, device=device)
         self.table = BlockTable(lay.sizes, self.rows, device)
         P, L = self.table.num_programs, lay.num_layers
-        self.part_t = torch.empty(P, self.n_p2, dtype=torch.float32, device=device)
+        self.part_t = torch.empty(P, self.n_pad, dtype=torch.float32, device=device)
         self.part_g = torch.empty(P, dtype=torch.float32, device=device)
-        self.u = torch.zeros(L, self.n_p2, dtype=torch.float32, device=device)
+        self.u = torch.zeros(L, self.n_pad, dtype=torch.float32, device=device)
 
     def _check(self, flat: torch.Tensor, what: str) -> None:
         if flat.numel() != self.layout.numel or not flat.is_contiguous():
@@ -176,16 +291,31 @@ class TritonEngine:
             raise ValueError(f"the triton backend computes in fp32 and takes fp32/bf16/fp16 {what}, "
                              f"not {flat.dtype}; use backend='torch' for float64")
 
+    def _common(self):
+        tb = self.table
+        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes)
+
+    def _tiles(self):
+        if self.kind == "slots":
+            return dict(BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad,
+                        BLOCK_R=self.block_rows, ROWS=self.rows, num_warps=self.num_warps)
+        return dict(BITS=self.bits, LOG2_PER_WORD=self.log2_per_word, N_P2=self.n_p2,
+                    BLOCK_R=self.block_rows, ROWS=self.rows, num_warps=self.num_warps)
+
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         self._check(grad, "gradients")
         out = torch.empty(self.layout.num_layers, self.n, dtype=torch.float32, device=grad.device)
-        tb = self.table
-        _project_partials_kernel[(tb.num_programs,)](
-            self.words, grad, tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes,
-            self.part_t, self.part_g, self.n, BITS=self.bits, LOG2_PER_WORD=self.log2_per_word,
-            N_P2=self.n_p2, BLOCK_R=self.block_rows, ROWS=self.rows)
+        grid = (self.table.num_programs,)
+        if self.kind == "slots":
+            _slots_project_kernel[grid](self.words, grad, *self._common(), self.part_t, self.part_g,
+                                        self.words.numel(), self.n,
+                                        self.n_slots, self.n_windows, **self._tiles())
+        else:
+            _project_partials_kernel[grid](self.words, grad, *self._common(), self.part_t, self.part_g,
+                                           self.n, **self._tiles())
         _project_reduce_kernel[(self.layout.num_layers,)](
-            self.part_t, self.part_g, tb.layer_prog, self.scale, self.zero, out, self.n, N_P2=self.n_p2)
+            self.part_t, self.part_g, self.table.layer_prog, self.scale, self.zero, out, self.n,
+            N_PAD=self.n_pad, N_P2=self.n_p2)
         return out
 
     def expand(self, weights: torch.Tensor, delta: torch.Tensor,
@@ -194,9 +324,23 @@ class TritonEngine:
         delta = delta.to(torch.float32)
         self.u[:, : self.n] = self.scale * delta
         s = (self.zero * delta).sum(dim=1)
-        tb = self.table
-        _expand_kernel[(tb.num_programs,)](
-            self.words, weights, weights if compensation is None else compensation, self.u, s,
-            tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes, self.n,
-            BITS=self.bits, LOG2_PER_WORD=self.log2_per_word, N_P2=self.n_p2,
-            BLOCK_R=self.block_rows, ROWS=self.rows, HAS_COMP=compensation is not None)
+        comp = weights if compensation is None else compensation
+        grid = (self.table.num_programs,)
+        if self.kind == "slots":
+            _slots_expand_kernel[grid](self.words, weights, comp, self.u, s, *self._common(),
+                                       self.words.numel(), self.n,
+                                       self.n_slots, self.n_windows, HAS_COMP=compensation is not None,
+                                       **self._tiles())
+        else:
+            _expand_kernel[grid](self.words, weights, comp, self.u, s, *self._common(), self.n,
+                                 HAS_COMP=compensation is not None, **self._tiles())
+
+
+def window_slots(n_slots: int) -> int:
+    """Slots per column window (a power of two, at most 32): the widest whose padding is at most one
+    slot or 1/8 of the useful ones, so that n = 60 at 4 bits is one window of 8 and n = 300 five of 8."""
+    for s in (32, 16, 8, 4, 2):
+        padded = -(-n_slots // s) * s
+        if padded - n_slots <= 1 or padded * 8 <= n_slots * 9:
+            return s
+    return 1

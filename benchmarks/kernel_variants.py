@@ -1,0 +1,98 @@
+"""Tuning sweep of the GPU kernels at one shape (default: the headline D = 25.6M, n = 60, 4 bits):
+every Triton layout and tile configuration and the CUDA backend, each checked against the torch
+reference on the same inputs before it is timed, with project and expand also timed apart.
+
+    python -m benchmarks.kernel_variants [--bits 4] [--n 60] [--size 25557032]
+
+Prints a table (fastest first) and saves JSON under benchmarks/results/ (``--out-dir`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import copy_bandwidth, environment, markdown_table, median, pick_device, save, time_fn
+from benchmarks.roofline import step_bytes
+from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends.torch_ref import TorchEngine
+from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
+
+
+def candidates(proj, device):
+    from twa_kernels.backends.triton_kernels import TritonEngine
+
+    out = [("triton gather (first design)", lambda: TritonEngine(proj, device, layout="gather"))]
+    for tile in (2048, 4096, 8192):
+        for warps in (4, 8):
+            for progs in (8, 32):
+                def make(tile=tile, warps=warps, progs=progs):
+                    eng = TritonEngine(proj, device, tile_codes=tile, num_warps=warps)
+                    return TritonEngine(proj, device, tile_codes=tile, num_warps=warps,
+                                        rows_per_program=eng.block_rows * progs)
+                out.append((f"triton slots tile={tile} warps={warps} tiles/program={progs}", make))
+    if "cuda" in available_backends(device):
+        out.append(("cuda", lambda: make_engine(proj, device, "cuda")))
+    return out
+
+
+def relative_error(x, ref):
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=25_557_032)
+    p.add_argument("--n", type=int, default=60)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    device = pick_device("auto")
+    if device.type != "cuda":
+        raise SystemExit("kernel_variants tunes GPU kernels: it needs a CUDA device")
+    sizes = layer_sizes_like_a_cnn(args.size)
+    proj = random_projection(sizes, args.n, args.bits, device=device)
+    L = len(sizes)
+    gen = torch.Generator(device=device).manual_seed(0)
+    g = torch.randn(args.size, device=device, generator=gen)
+    w0 = torch.randn(args.size, device=device, generator=gen)
+    delta = torch.randn(L, args.n, device=device, generator=gen) * 1e-2
+    ref = TorchEngine(proj, device)
+    c_ref = ref.project(g)
+    w_ref = w0.clone()
+    ref.expand(w_ref, delta)
+    copy_bw = copy_bandwidth(device)
+    nbytes = step_bytes(args.size, args.n, args.bits)
+    rows = []
+    for name, make in [("torch reference", lambda: ref)] + candidates(proj, device):
+        eng = make()
+        c = eng.project(g)
+        w = w0.clone()
+        eng.expand(w, delta)
+        err_c, err_w = relative_error(c, c_ref), relative_error(w - w0, w_ref - w0)
+        w = w0.clone()
+        t_proj = median(time_fn(lambda: eng.project(g), device, warmup=3, iters=args.iters))
+        t_exp = median(time_fn(lambda: eng.expand(w, delta * 0), device, warmup=3, iters=args.iters))
+        t_step = median(time_fn(lambda: (eng.project(g), eng.expand(w, delta * 0)), device, warmup=3,
+                                iters=args.iters))
+        rows.append({"variant": name, "project_s": t_proj, "expand_s": t_exp, "step_s": t_step,
+                     "frac_copy": nbytes / t_step / copy_bw, "rel_err_c": err_c, "rel_err_dw": err_w})
+        print(rows[-1], flush=True)
+        del eng
+    rows.sort(key=lambda r: r["step_s"])
+    header = ["variant", "step ms", "project ms", "expand ms", "of copy", "rel err c", "rel err Δw"]
+    table = [[r["variant"], f"{1e3 * r['step_s']:.3f}", f"{1e3 * r['project_s']:.3f}", f"{1e3 * r['expand_s']:.3f}",
+              f"{100 * r['frac_copy']:.0f}%", f"{r['rel_err_c']:.1e}", f"{r['rel_err_dw']:.1e}"] for r in rows]
+    env = environment(device)
+    md = (f"Kernel variants at D = {args.size:,}, n = {args.n}, {args.bits} bits on {env['device']}, torch "
+          f"{env['torch']}, triton {env['triton']}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (same run); "
+          f"{nbytes / 1e9:.2f} GB per step\n\n" + markdown_table(header, table))
+    print(md)
+    save(f"kernel_variants_n{args.n}_b{args.bits}", device, {"copy_GBps": copy_bw / 1e9, "bytes": nbytes,
+                                                              "rows": rows}, md, out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
