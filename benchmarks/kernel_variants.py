@@ -23,15 +23,12 @@ from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
 def candidates(proj, device):
     from twa_kernels.backends.triton_kernels import TritonEngine
 
-    out = [("triton gather (first design)", lambda: TritonEngine(proj, device, layout="gather"))]
-    for tile in (2048, 4096, 8192):
-        for warps in (4, 8):
-            for progs in (8, 32):
-                def make(tile=tile, warps=warps, progs=progs):
-                    eng = TritonEngine(proj, device, tile_codes=tile, num_warps=warps)
-                    return TritonEngine(proj, device, tile_codes=tile, num_warps=warps,
-                                        rows_per_program=eng.block_rows * progs)
-                out.append((f"triton slots tile={tile} warps={warps} tiles/program={progs}", make))
+    out = []
+    for tile, warps, tiles in [(4096, 4, 16), (4096, 4, 32), (4096, 4, 64), (8192, 4, 32), (8192, 8, 32),
+                               (2048, 4, 64), (16384, 8, 16)]:
+        def make(tile=tile, warps=warps, tiles=tiles):
+            return TritonEngine(proj, device, tile_codes=tile, num_warps=warps, tiles_per_program=tiles)
+        out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make))
     if "cuda" in available_backends(device):
         out.append(("cuda", lambda: make_engine(proj, device, "cuda")))
     return out

@@ -26,9 +26,9 @@ def variants():
     for bits in (1, 2, 4, 8):
         per_word = 32 // bits
         for dt in (("fp32", "bf16", "fp16") if bits == 4 else ("fp32",)):
-            consts = {"BITS": bits, "SLOTS": 8, "N_PAD": 8 * per_word,
+            consts = {"N_WINDOWS": 1, "BITS": bits, "SLOTS": 8, "N_PAD": 8 * per_word,
                       "BLOCK_R": max(1, 4096 // (8 * per_word)), "ROWS": 8 * max(1, 4096 // (8 * per_word))}
-            scalars = {"num_words": "i64", "n": "i32", "n_slots": "i32", "n_windows": "i32"}
+            scalars = {"num_words": "i64", "n": "i32", "n_slots": "i32"}
             sig = {"words_ptr": "*i32", "grad_ptr": DT[dt], **TABLES, "part_t_ptr": "*fp32",
                    "part_g_ptr": "*fp32", **scalars, **{k: "constexpr" for k in consts}}
             yield f"project {bits}-bit {dt}", tk._slots_project_kernel, sig, consts
@@ -37,12 +37,6 @@ def variants():
                 if comp or dt == "fp32":
                     sig = _expand_sig(dt, comp, scalars, c)
                     yield f"expand {bits}-bit {dt}{' +kahan' if comp else ''}", tk._slots_expand_kernel, sig, c
-    consts = {"BITS": 4, "LOG2_PER_WORD": 3, "N_P2": 64, "BLOCK_R": 64, "ROWS": 512}
-    sig = {"words_ptr": "*i32", "grad_ptr": "*fp32", **TABLES, "part_t_ptr": "*fp32", "part_g_ptr": "*fp32",
-           "n": "i32", **{k: "constexpr" for k in consts}}
-    yield "gather project 4-bit fp32", tk._project_partials_kernel, sig, consts
-    c = dict(consts, HAS_COMP=False)
-    yield "gather expand 4-bit fp32", tk._expand_kernel, _expand_sig("fp32", False, {"n": "i32"}, c), c
     sig = {"part_t_ptr": "*fp32", "part_g_ptr": "*fp32", "layer_prog_ptr": "*i64", "scale_ptr": "*fp32",
            "zero_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "N_PAD": "constexpr", "N_P2": "constexpr"}
     yield "reduce", tk._project_reduce_kernel, sig, {"N_PAD": 64, "N_P2": 64}

@@ -5,17 +5,23 @@ Both read the packed codes directly (see :mod:`twa_kernels.packing`), for all la
 * The launch grid is a *block table* built once per engine: program ``i`` owns rows
   ``[row0_i, row0_i + ROWS)`` of layer ``layer_i``; no program straddles two layers, so every program
   knows its layer's offsets from two table loads.
+* Codes are unpacked in registers. A tile is ``[rows, slots, 32 / bits]``: slot ``s`` of a row is the
+  32 bits that hold its columns ``[32s / bits, 32(s + 1) / bits)``, one funnel shift of two
+  neighbouring words (a row may start at any bit), then compile-time shifts. A slot's columns are
+  the same on every tile, so P̃ᵀg accumulates per slot in registers with no per-code index math.
+  Codes become floats as ``bits(0x4B000000 | q) − 2^23``, exact, and without the int→float unit
+  (a quarter of the FMA rate). Wide rows (n·bits > 1024 at most) run in windows of slots.
 * ``project`` writes one partial ``qᵀg`` row (and ``Σg``) per program; a second launch reduces the
   partials of each layer **in program order** and applies the affine dequantization
   ``c = scale·(qᵀg) + zero·Σg``. No float atomics: the same inputs give the same bits every run.
 * ``expand`` folds the affine form in as ``Δw = q·(scale∘Δβ) + Σ zero∘Δβ`` and updates the weights in
   place, with Kahan compensation for bf16/fp16 weights (same operation order as the torch reference).
-* All offsets are int64 (a 1.3B × 60 × 4-bit P̃ is 39 GB); products are fp32 multiply + ``tl.sum``,
-  never ``tl.dot`` (TF32 on GPUs, and a gemv gains nothing from tensor cores).
+* Offsets are int64 where they can pass 2^31 (a 1.3B × 60 × 4-bit P̃ is 39 GB), int32 inside a tile.
+  Products are fp32 multiply-adds, never ``tl.dot`` (TF32 on GPUs; a gemv gains nothing from
+  tensor cores).
 
-Each code is fetched with a gather load of its 32-bit word; neighbouring lanes share words, so the
-repeats hit L1. A tile of ``R`` rows with ``R·n·B ≡ 0 (mod 32)`` is a whole run of words, which leaves
-room for a register-unpacking variant on the same format once it can be profiled on a GPU.
+An earlier design fetched every code with its own gather load of its word: 2.6× slower on an H100
+(``benchmarks/results/kernel_variants_*_first.md``), from its per-code index arithmetic.
 """
 
 from __future__ import annotations
@@ -37,18 +43,10 @@ from ..packing import PackedProjection, codes_per_word
 from .blocks import BlockTable, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEFAULT_TILE_CODES = 4096
+DEFAULT_TILES_PER_PROGRAM = 32
 
 if AVAILABLE:
-
-    @triton.jit
-    def _codes(words_ptr, word_base, rows, cols, n, row_mask, col_mask,
-               BITS: tl.constexpr, LOG2_PER_WORD: tl.constexpr):
-        """Codes [R, C] of rows × cols of one layer whose stream starts at word ``word_base``."""
-        k = rows[:, None] * n + cols[None, :]  # int64 code index inside the layer
-        mask = row_mask[:, None] & col_mask[None, :]
-        word = tl.load(words_ptr + word_base + (k >> LOG2_PER_WORD), mask=mask, other=0)
-        shift = ((k & ((1 << LOG2_PER_WORD) - 1)) * BITS).to(tl.int32)
-        return (word >> shift) & ((1 << BITS) - 1)
 
     @triton.jit
     def _round_to(y, dtype: tl.constexpr):
@@ -71,42 +69,27 @@ if AVAILABLE:
         return pid, layer, row0, row_end, tl.load(word_off_ptr + layer), tl.load(param_off_ptr + layer)
 
     @triton.jit
-    def _project_partials_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr,
-                                 param_off_ptr, size_ptr, part_t_ptr, part_g_ptr, n,
-                                 BITS: tl.constexpr, LOG2_PER_WORD: tl.constexpr, N_P2: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
-        pid, layer, row0, row_end, word_base, param_base = _program(
-            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
-        cols = tl.arange(0, N_P2)
-        col_mask = cols < n
-        acc = tl.zeros([BLOCK_R, N_P2], dtype=tl.float32)
-        gacc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for r in range(0, ROWS, BLOCK_R):
-            rows = row0 + r + tl.arange(0, BLOCK_R).to(tl.int64)
-            row_mask = rows < row_end
-            g = tl.load(grad_ptr + param_base + rows, mask=row_mask, other=0.0).to(tl.float32)
-            q = _codes(words_ptr, word_base, rows, cols, n, row_mask, col_mask, BITS, LOG2_PER_WORD)
-            acc += q.to(tl.float32) * g[:, None]
-            gacc += g
-        tl.store(part_t_ptr + pid * N_P2 + cols, tl.sum(acc, axis=0))
-        tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
-
-    @triton.jit
     def _code_to_float(q):
         """Exact int → fp32 for codes < 2^23 without the conversion unit (a quarter of the FMA rate on
         recent GPUs): 0x4B000000 | q is the float 2^23 + q."""
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _slot_codes(words_ptr, num_words, first_word, rel_word, shift, mask, BITS: tl.constexpr):
-        """Codes [R, S, 32 / BITS] as floats. Slot ``s`` of a row holds its columns
+    def _slot_words(words_ptr, num_words, first_word, rel_word, mask):
+        """The two words under each slot, [R, S, 1] each. Slot ``s`` of a row holds its columns
         ``[32s / BITS, 32(s + 1) / BITS)``: the 32 bits at bit ``row·n·BITS + 32·s`` of the layer's
-        stream, one funnel shift of two neighbouring words (``rel_word`` [R, S, 1] from ``first_word``,
-        ``shift`` [R, 1, 1]), then unpacked in registers with compile-time shifts."""
+        stream, which straddle word ``rel_word`` (counted from ``first_word``) and the next."""
         ptr = words_ptr + first_word + rel_word
         words_left = tl.minimum(num_words - first_word, 1 << 30).to(tl.int32)  # the last slot's 2nd word
-        lo = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        lo = tl.load(ptr, mask=mask, other=0)
         hi = tl.load(ptr + 1, mask=mask & (rel_word + 1 < words_left), other=0)
+        return lo, hi
+
+    @triton.jit
+    def _unpack(lo, hi, shift, BITS: tl.constexpr):
+        """Codes [R, S, 32 / BITS] as floats: a funnel shift of the two words by the row's bit
+        offset (``shift`` [R, 1, 1]), then compile-time shifts, in registers."""
+        lo = lo.to(tl.uint32, bitcast=True).to(tl.uint64)
         hi = hi.to(tl.uint32, bitcast=True).to(tl.uint64)
         x = (((hi << 32) | lo) >> shift).to(tl.uint32)
         j = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)[None, None, :]
@@ -114,7 +97,7 @@ if AVAILABLE:
 
     @triton.jit
     def _slot_cols(slots, BITS: tl.constexpr):
-        """Column of each element of :func:`_slot_codes` for these slots: [S, 32 / BITS]."""
+        """Column of each element of :func:`_unpack` for these slots: [S, 32 / BITS]."""
         return slots[:, None] * (32 // BITS) + tl.arange(0, 32 // BITS)[None, :]
 
     @triton.jit
@@ -126,69 +109,97 @@ if AVAILABLE:
         return i, bit >> 5, (bit & 31).to(tl.uint64)[:, None, None]
 
     @triton.jit
+    def _tile_word(word_base, row, n, BITS: tl.constexpr):
+        return word_base + (row * n * BITS >> 5)
+
+    # Both kernels below load tile t + 1 before unpacking tile t (registers double-buffered): one
+    # tile's loads alone leave too few bytes in flight to cover memory latency.
+
+    @triton.jit
     def _slots_project_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr,
-                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots, n_windows,
-                              BITS: tl.constexpr, SLOTS: tl.constexpr,
+                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots,
+                              N_WINDOWS: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
                               N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
         pid, layer, row0, row_end, word_base, param_base = _program(
             prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        rem = (row_end - row0).to(tl.int32)
+        g_ptr = grad_ptr + param_base + row0 + i
         gacc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for win in range(n_windows):
+        for win in range(N_WINDOWS):
             slots = win * SLOTS + tl.arange(0, SLOTS)
             slot_mask = (slots < n_slots)[None, :, None]
             rel_word = row_word[:, None, None] + slots[None, :, None]
             acc = tl.zeros([BLOCK_R, SLOTS, 32 // BITS], dtype=tl.float32)
+            lo, hi = _slot_words(words_ptr, num_words, _tile_word(word_base, row0, n, BITS), rel_word,
+                                 (i < rem)[:, None, None] & slot_mask)
+            g = tl.load(g_ptr, mask=i < rem, other=0.0)
             for r in range(0, ROWS, BLOCK_R):
-                row_mask = i < (row_end - row0 - r).to(tl.int32)
-                g = tl.load(grad_ptr + param_base + row0 + r + i, mask=row_mask, other=0.0).to(tl.float32)
-                first_word = word_base + ((row0 + r) * n * BITS >> 5)
-                q = _slot_codes(words_ptr, num_words, first_word, rel_word, shift,
-                                row_mask[:, None, None] & slot_mask, BITS)
-                acc += q * g[:, None, None]
-                gacc += tl.where(win == 0, g, 0.0)
+                nxt = i < rem - (r + BLOCK_R)
+                lo_n, hi_n = _slot_words(words_ptr, num_words, _tile_word(word_base, row0 + r + BLOCK_R, n, BITS),
+                                         rel_word, nxt[:, None, None] & slot_mask)
+                g_n = tl.load(g_ptr + r + BLOCK_R, mask=nxt, other=0.0)
+                gf = g.to(tl.float32)
+                acc += _unpack(lo, hi, shift, BITS) * gf[:, None, None]
+                gacc += tl.where(win == 0, gf, 0.0)
+                lo, hi, g = lo_n, hi_n, g_n
             tl.store(part_t_ptr + pid * N_PAD + _slot_cols(slots, BITS), tl.sum(acc, axis=0),
                      mask=(slots < n_slots)[:, None])
         tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
 
     @triton.jit
     def _slots_expand_kernel(words_ptr, w_ptr, comp_ptr, u_ptr, s_ptr, prog_layer_ptr, prog_row_ptr,
-                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots, n_windows,
-                             BITS: tl.constexpr, SLOTS: tl.constexpr,
+                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots,
+                             N_WINDOWS: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
                              N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
                              HAS_COMP: tl.constexpr):
+        """One step per (tile of rows, column window); a tile's rows are updated after its last window."""
         pid, layer, row0, row_end, word_base, param_base = _program(
             prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        rem = (row_end - row0).to(tl.int32)
         s = tl.load(s_ptr + layer)  # Σ_j zero_j Δβ_j
-        for r in range(0, ROWS, BLOCK_R):
-            rows_left = i < (row_end - row0 - r).to(tl.int32)
-            row_mask = rows_left[:, None, None]
-            first_word = word_base + ((row0 + r) * n * BITS >> 5)
-            dw = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for win in range(n_windows):
-                slots = win * SLOTS + tl.arange(0, SLOTS)
-                # scale ∘ Δβ, zero past n: masks the padding
+        offs = param_base + row0 + i
+        slots = tl.arange(0, SLOTS)
+        lo, hi = _slot_words(words_ptr, num_words, _tile_word(word_base, row0, n, BITS),
+                             row_word[:, None, None] + slots[None, :, None],
+                             (i < rem)[:, None, None] & (slots < n_slots)[None, :, None])
+        w = tl.load(w_ptr + offs, mask=i < rem, other=0.0)
+        comp = tl.load(comp_ptr + offs, mask=(i < rem) & HAS_COMP, other=0.0)
+        dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+        u = tl.load(u_ptr + layer * N_PAD + _slot_cols(slots, BITS))  # scale ∘ Δβ, 0 past n
+        for t in range(0, (ROWS // BLOCK_R) * N_WINDOWS):
+            r = (t // N_WINDOWS) * BLOCK_R
+            if N_WINDOWS > 1:
+                slots = (t % N_WINDOWS) * SLOTS + tl.arange(0, SLOTS)
                 u = tl.load(u_ptr + layer * N_PAD + _slot_cols(slots, BITS))
-                q = _slot_codes(words_ptr, num_words, first_word, row_word[:, None, None] + slots[None, :, None], shift,
-                                row_mask & (slots < n_slots)[None, :, None], BITS)
-                dw += tl.sum(tl.sum(q * u[None, :, :], axis=2), axis=1)
-            _update_weights(w_ptr, comp_ptr, param_base + row0 + r + i, rows_left, dw + s, HAS_COMP)
+            r_n = ((t + 1) // N_WINDOWS) * BLOCK_R
+            slots_n = ((t + 1) % N_WINDOWS) * SLOTS + tl.arange(0, SLOTS)
+            rows_n = i < rem - r_n
+            lo_n, hi_n = _slot_words(words_ptr, num_words, _tile_word(word_base, row0 + r_n, n, BITS),
+                                     row_word[:, None, None] + slots_n[None, :, None],
+                                     rows_n[:, None, None] & (slots_n < n_slots)[None, :, None])
+            dw += tl.sum(tl.sum(_unpack(lo, hi, shift, BITS) * u[None, :, :], axis=2), axis=1)
+            if r_n != r:  # last window of this tile: update its rows, fetch the next tile's
+                rows = i < rem - r
+                w_n = tl.load(w_ptr + offs + r_n, mask=rows_n, other=0.0)
+                comp_n = tl.load(comp_ptr + offs + r_n, mask=rows_n & HAS_COMP, other=0.0)
+                _update_weights(w_ptr, comp_ptr, offs + r, rows, w, comp, dw + s, HAS_COMP)
+                w, comp = w_n, comp_n
+                dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+            lo, hi = lo_n, hi_n
 
     @triton.jit
-    def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
-        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order."""
-        ptr = w_ptr + offs
-        w = tl.load(ptr, mask=mask, other=0.0)
+    def _update_weights(w_ptr, comp_ptr, offs, mask, w, comp, dw, HAS_COMP: tl.constexpr):
+        """Store w + dw (w, comp already loaded); with HAS_COMP, Kahan-compensated in the torch
+        reference's order."""
         if HAS_COMP:
-            cptr = comp_ptr + offs
-            comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
-            y = w.to(tl.float32) + (dw + comp)
+            y = w.to(tl.float32) + (dw + comp.to(tl.float32))
             new = _round_to(y, w_ptr.dtype.element_ty)
-            tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
-            tl.store(ptr, new, mask=mask)
+            tl.store(comp_ptr + offs, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
+            tl.store(w_ptr + offs, new, mask=mask)
         else:
-            tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
+            tl.store(w_ptr + offs, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, scale_ptr, zero_ptr, out_ptr, n,
@@ -208,74 +219,43 @@ if AVAILABLE:
         c = scale * t + zero * tl.sum(gsum, axis=0)
         tl.store(out_ptr + layer * n + cols, c, mask=col_mask)
 
-    @triton.jit
-    def _expand_kernel(words_ptr, w_ptr, comp_ptr, u_ptr, s_ptr, prog_layer_ptr, prog_row_ptr,
-                       word_off_ptr, param_off_ptr, size_ptr, n,
-                       BITS: tl.constexpr, LOG2_PER_WORD: tl.constexpr, N_P2: tl.constexpr,
-                       BLOCK_R: tl.constexpr, ROWS: tl.constexpr, HAS_COMP: tl.constexpr):
-        pid, layer, row0, row_end, word_base, param_base = _program(
-            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
-        cols = tl.arange(0, N_P2)
-        col_mask = cols < n
-        u = tl.load(u_ptr + layer * N_P2 + cols)  # scale ∘ Δβ, zero beyond n
-        s = tl.load(s_ptr + layer)  # Σ_j zero_j Δβ_j
-        for r in range(0, ROWS, BLOCK_R):
-            rows = row0 + r + tl.arange(0, BLOCK_R).to(tl.int64)
-            row_mask = rows < row_end
-            q = _codes(words_ptr, word_base, rows, cols, n, row_mask, col_mask, BITS, LOG2_PER_WORD)
-            dw = tl.sum(q.to(tl.float32) * u[None, :], axis=1) + s
-            _update_weights(w_ptr, comp_ptr, param_base + rows, row_mask, dw, HAS_COMP)
-
 
 class TritonEngine:
     """P̃ on one device and the two fused launches (plus the small ordered reduction of ``project``).
-
-    ``layout="slots"`` (default) unpacks in registers: a tile is ``[rows, slots, codes per word]``
-    and each slot's 32 bits come from one funnel shift of two words; ``layout="gather"`` fetches
-    every code with its own (L1-cached) gather of its word, the simpler first design, kept for
-    comparison in ``benchmarks/``.
-    """
+    ``tile_codes``, ``num_warps`` and ``rows_per_program`` are the tuning knobs
+    (``benchmarks/kernel_variants.py``); ``block_rows`` overrides the rows per tile."""
 
     name = "triton"
 
     def __init__(self, projection: PackedProjection, device: torch.device, block_rows: int | None = None,
-                 rows_per_program: int | None = None, layout: str = "slots", tile_codes: int | None = None,
-                 num_warps: int = 4):
+                 rows_per_program: int | None = None, tile_codes: int | None = None, num_warps: int = 4,
+                 tiles_per_program: int | None = None):
         if not AVAILABLE:
             raise RuntimeError("triton is not installed")
-        if layout not in ("slots", "gather"):
-            raise ValueError(f"layout must be 'slots' or 'gather', not {layout!r}")
         lay = projection.layout
-        self.layout, self.kind, self.num_warps = lay, layout, num_warps
+        self.layout, self.num_warps = lay, num_warps
         self.n, self.bits = lay.n, lay.bits
-        self.per_word = codes_per_word(lay.bits)
-        self.log2_per_word = self.per_word.bit_length() - 1
+        per_word = codes_per_word(lay.bits)
+        self.n_slots = -(-lay.n // per_word)
+        self.slots = window_slots(self.n_slots)
+        self.n_windows = -(-self.n_slots // self.slots)
+        self.n_pad = self.n_windows * self.slots * per_word
         self.n_p2 = max(16, next_pow2(lay.n))
-        # Tiles of about 4K codes on a GPU; the CPU interpreter runs one program at a time, so there
-        # fewer, larger programs are much faster.
-        tile = tile_codes or (65536 if INTERPRET else 4096)
-        if layout == "slots":
-            self.n_slots = -(-lay.n // self.per_word)
-            self.slots = window_slots(self.n_slots)
-            self.n_windows = -(-self.n_slots // self.slots)
-            self.n_pad = self.n_windows * self.slots * self.per_word
-            default_block = max(1, tile // (self.slots * self.per_word))
-        else:
-            self.n_pad = self.n_p2
-            default_block = max(16, tile // self.n_p2)
-        block_rows = block_rows or next_pow2(default_block)
-        if layout == "slots":  # every tile of rows starts on a word: BLOCK_R·n·bits ≡ 0 (mod 32)
-            align = 32 // math.gcd(lay.n * lay.bits, 32)
-            block_rows = -(-block_rows // align) * align
-        self.block_rows = block_rows
-        rows = rows_per_program or (block_rows * (8 if not INTERPRET else 4))
-        self.rows = -(-rows // block_rows) * block_rows
+        # Tiles of 4K codes on a GPU (measured best on an H100, kernel_variants); the CPU interpreter
+        # runs one program at a time, so there fewer, larger programs are much faster.
+        tile = tile_codes or (65536 if INTERPRET else DEFAULT_TILE_CODES)
+        block_rows = block_rows or next_pow2(max(1, tile // (self.slots * per_word)))
+        align = 32 // math.gcd(lay.n * lay.bits, 32)  # every tile starts on a word: BLOCK_R·n·bits ≡ 0 (mod 32)
+        self.block_rows = -(-block_rows // align) * align
         if self.block_rows * lay.n * lay.bits >= 2**31:
             raise ValueError("block_rows · n · bits must stay below 2^31")
+        tiles = tiles_per_program or (4 if INTERPRET else DEFAULT_TILES_PER_PROGRAM)
+        rows = rows_per_program or self.block_rows * tiles
+        self.rows = -(-rows // self.block_rows) * self.block_rows
         self.words = projection.words.to(device)
         self.scale = projection.scale.to(device).contiguous()
         self.zero = projection.zero.to(device).contiguous()
-        self.word_off = lay.word_offsets.to(device)  # L + 1 entries: a layer's end is the next start
+        self.word_off = lay.word_offsets.to(device)
         self.param_off = lay.param_offsets[:-1].to(device)
         self.sizes = torch.tensor(lay.sizes, dtype=torch.int64, device=device)
         self.table = BlockTable(lay.sizes, self.rows, device)
@@ -291,30 +271,24 @@ class TritonEngine:
             raise ValueError(f"the triton backend computes in fp32 and takes fp32/bf16/fp16 {what}, "
                              f"not {flat.dtype}; use backend='torch' for float64")
 
-    def _common(self):
+    def _launch_args(self):
         tb = self.table
-        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes)
+        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes, self.words.numel(),
+                self.n, self.n_slots)
 
     def _tiles(self):
-        if self.kind == "slots":
-            return dict(BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad,
-                        BLOCK_R=self.block_rows, ROWS=self.rows, num_warps=self.num_warps)
-        return dict(BITS=self.bits, LOG2_PER_WORD=self.log2_per_word, N_P2=self.n_p2,
-                    BLOCK_R=self.block_rows, ROWS=self.rows, num_warps=self.num_warps)
+        return dict(N_WINDOWS=self.n_windows, BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad, BLOCK_R=self.block_rows, ROWS=self.rows,
+                    num_warps=self.num_warps)
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         self._check(grad, "gradients")
         out = torch.empty(self.layout.num_layers, self.n, dtype=torch.float32, device=grad.device)
-        grid = (self.table.num_programs,)
-        if self.kind == "slots":
-            _slots_project_kernel[grid](self.words, grad, *self._common(), self.part_t, self.part_g,
-                                        self.words.numel(), self.n,
-                                        self.n_slots, self.n_windows, **self._tiles())
-        else:
-            _project_partials_kernel[grid](self.words, grad, *self._common(), self.part_t, self.part_g,
-                                           self.n, **self._tiles())
+        tb = self.table
+        tb_args = self._launch_args()
+        _slots_project_kernel[(tb.num_programs,)](self.words, grad, *tb_args[:5], self.part_t, self.part_g,
+                                                  *tb_args[5:], **self._tiles())
         _project_reduce_kernel[(self.layout.num_layers,)](
-            self.part_t, self.part_g, self.table.layer_prog, self.scale, self.zero, out, self.n,
+            self.part_t, self.part_g, tb.layer_prog, self.scale, self.zero, out, self.n,
             N_PAD=self.n_pad, N_P2=self.n_p2)
         return out
 
@@ -325,15 +299,9 @@ class TritonEngine:
         self.u[:, : self.n] = self.scale * delta
         s = (self.zero * delta).sum(dim=1)
         comp = weights if compensation is None else compensation
-        grid = (self.table.num_programs,)
-        if self.kind == "slots":
-            _slots_expand_kernel[grid](self.words, weights, comp, self.u, s, *self._common(),
-                                       self.words.numel(), self.n,
-                                       self.n_slots, self.n_windows, HAS_COMP=compensation is not None,
-                                       **self._tiles())
-        else:
-            _expand_kernel[grid](self.words, weights, comp, self.u, s, *self._common(), self.n,
-                                 HAS_COMP=compensation is not None, **self._tiles())
+        _slots_expand_kernel[(self.table.num_programs,)](
+            self.words, weights, comp, self.u, s, *self._launch_args(), HAS_COMP=compensation is not None,
+            **self._tiles())
 
 
 def window_slots(n_slots: int) -> int:
