@@ -26,9 +26,9 @@ def variants():
     for bits in (1, 2, 4, 8):
         per_word = 32 // bits
         for dt in (("fp32", "bf16", "fp16") if bits == 4 else ("fp32",)):
-            consts = {"N_WINDOWS": 1, "BITS": bits, "SLOTS": 8, "N_PAD": 8 * per_word,
+            consts = {"BITS": bits, "SLOTS": 8, "N_PAD": 8 * per_word,
                       "BLOCK_R": max(1, 4096 // (8 * per_word)), "ROWS": 8 * max(1, 4096 // (8 * per_word))}
-            scalars = {"num_words": "i64", "n": "i32", "n_slots": "i32"}
+            scalars = {"num_words": "i64", "n": "i32", "n_slots": "i32", "n_windows": "i32"}
             sig = {"words_ptr": "*i32", "grad_ptr": DT[dt], **TABLES, "part_t_ptr": "*fp32",
                    "part_g_ptr": "*fp32", **scalars, **{k: "constexpr" for k in consts}}
             yield f"project {bits}-bit {dt}", tk._slots_project_kernel, sig, consts

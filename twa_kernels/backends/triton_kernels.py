@@ -75,21 +75,15 @@ if AVAILABLE:
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _slot_words(words_ptr, num_words, first_word, rel_word, mask):
-        """The two words under each slot, [R, S, 1] each. Slot ``s`` of a row holds its columns
+    def _slot_codes(words_ptr, num_words, first_word, rel_word, shift, mask, BITS: tl.constexpr):
+        """Codes [R, S, 32 / BITS] as floats. Slot ``s`` of a row holds its columns
         ``[32s / BITS, 32(s + 1) / BITS)``: the 32 bits at bit ``row·n·BITS + 32·s`` of the layer's
-        stream, which straddle word ``rel_word`` (counted from ``first_word``) and the next."""
+        stream, one funnel shift of two neighbouring words (``rel_word`` [R, S, 1] from ``first_word``,
+        ``shift`` [R, 1, 1]), then unpacked in registers with compile-time shifts."""
         ptr = words_ptr + first_word + rel_word
         words_left = tl.minimum(num_words - first_word, 1 << 30).to(tl.int32)  # the last slot's 2nd word
-        lo = tl.load(ptr, mask=mask, other=0)
+        lo = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         hi = tl.load(ptr + 1, mask=mask & (rel_word + 1 < words_left), other=0)
-        return lo, hi
-
-    @triton.jit
-    def _unpack(lo, hi, shift, BITS: tl.constexpr):
-        """Codes [R, S, 32 / BITS] as floats: a funnel shift of the two words by the row's bit
-        offset (``shift`` [R, 1, 1]), then compile-time shifts, in registers."""
-        lo = lo.to(tl.uint32, bitcast=True).to(tl.uint64)
         hi = hi.to(tl.uint32, bitcast=True).to(tl.uint64)
         x = (((hi << 32) | lo) >> shift).to(tl.uint32)
         j = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)[None, None, :]
@@ -97,7 +91,7 @@ if AVAILABLE:
 
     @triton.jit
     def _slot_cols(slots, BITS: tl.constexpr):
-        """Column of each element of :func:`_unpack` for these slots: [S, 32 / BITS]."""
+        """Column of each element of :func:`_slot_codes` for these slots: [S, 32 / BITS]."""
         return slots[:, None] * (32 // BITS) + tl.arange(0, 32 // BITS)[None, :]
 
     @triton.jit
@@ -109,97 +103,69 @@ if AVAILABLE:
         return i, bit >> 5, (bit & 31).to(tl.uint64)[:, None, None]
 
     @triton.jit
-    def _tile_word(word_base, row, n, BITS: tl.constexpr):
-        return word_base + (row * n * BITS >> 5)
-
-    # Both kernels below load tile t + 1 before unpacking tile t (registers double-buffered): one
-    # tile's loads alone leave too few bytes in flight to cover memory latency.
-
-    @triton.jit
     def _slots_project_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr,
-                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots,
-                              N_WINDOWS: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
+                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots, n_windows,
+                              BITS: tl.constexpr, SLOTS: tl.constexpr,
                               N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
         pid, layer, row0, row_end, word_base, param_base = _program(
             prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
-        rem = (row_end - row0).to(tl.int32)
-        g_ptr = grad_ptr + param_base + row0 + i
         gacc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for win in range(N_WINDOWS):
+        for win in range(n_windows):
             slots = win * SLOTS + tl.arange(0, SLOTS)
             slot_mask = (slots < n_slots)[None, :, None]
             rel_word = row_word[:, None, None] + slots[None, :, None]
             acc = tl.zeros([BLOCK_R, SLOTS, 32 // BITS], dtype=tl.float32)
-            lo, hi = _slot_words(words_ptr, num_words, _tile_word(word_base, row0, n, BITS), rel_word,
-                                 (i < rem)[:, None, None] & slot_mask)
-            g = tl.load(g_ptr, mask=i < rem, other=0.0)
             for r in range(0, ROWS, BLOCK_R):
-                nxt = i < rem - (r + BLOCK_R)
-                lo_n, hi_n = _slot_words(words_ptr, num_words, _tile_word(word_base, row0 + r + BLOCK_R, n, BITS),
-                                         rel_word, nxt[:, None, None] & slot_mask)
-                g_n = tl.load(g_ptr + r + BLOCK_R, mask=nxt, other=0.0)
-                gf = g.to(tl.float32)
-                acc += _unpack(lo, hi, shift, BITS) * gf[:, None, None]
-                gacc += tl.where(win == 0, gf, 0.0)
-                lo, hi, g = lo_n, hi_n, g_n
+                row_mask = i < (row_end - row0 - r).to(tl.int32)
+                g = tl.load(grad_ptr + param_base + row0 + r + i, mask=row_mask, other=0.0).to(tl.float32)
+                first_word = word_base + ((row0 + r) * n * BITS >> 5)
+                q = _slot_codes(words_ptr, num_words, first_word, rel_word, shift,
+                                row_mask[:, None, None] & slot_mask, BITS)
+                acc += q * g[:, None, None]
+                gacc += tl.where(win == 0, g, 0.0)
             tl.store(part_t_ptr + pid * N_PAD + _slot_cols(slots, BITS), tl.sum(acc, axis=0),
                      mask=(slots < n_slots)[:, None])
         tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
 
     @triton.jit
     def _slots_expand_kernel(words_ptr, w_ptr, comp_ptr, u_ptr, s_ptr, prog_layer_ptr, prog_row_ptr,
-                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots,
-                             N_WINDOWS: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
+                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots, n_windows,
+                             BITS: tl.constexpr, SLOTS: tl.constexpr,
                              N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
                              HAS_COMP: tl.constexpr):
-        """One step per (tile of rows, column window); a tile's rows are updated after its last window."""
         pid, layer, row0, row_end, word_base, param_base = _program(
             prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
         i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
-        rem = (row_end - row0).to(tl.int32)
         s = tl.load(s_ptr + layer)  # Σ_j zero_j Δβ_j
-        offs = param_base + row0 + i
-        slots = tl.arange(0, SLOTS)
-        lo, hi = _slot_words(words_ptr, num_words, _tile_word(word_base, row0, n, BITS),
-                             row_word[:, None, None] + slots[None, :, None],
-                             (i < rem)[:, None, None] & (slots < n_slots)[None, :, None])
-        w = tl.load(w_ptr + offs, mask=i < rem, other=0.0)
-        comp = tl.load(comp_ptr + offs, mask=(i < rem) & HAS_COMP, other=0.0)
-        dw = tl.zeros([BLOCK_R], dtype=tl.float32)
-        u = tl.load(u_ptr + layer * N_PAD + _slot_cols(slots, BITS))  # scale ∘ Δβ, 0 past n
-        for t in range(0, (ROWS // BLOCK_R) * N_WINDOWS):
-            r = (t // N_WINDOWS) * BLOCK_R
-            if N_WINDOWS > 1:
-                slots = (t % N_WINDOWS) * SLOTS + tl.arange(0, SLOTS)
+        for r in range(0, ROWS, BLOCK_R):
+            rows_left = i < (row_end - row0 - r).to(tl.int32)
+            row_mask = rows_left[:, None, None]
+            first_word = word_base + ((row0 + r) * n * BITS >> 5)
+            dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for win in range(n_windows):
+                slots = win * SLOTS + tl.arange(0, SLOTS)
+                # scale ∘ Δβ, zero past n: masks the padding
                 u = tl.load(u_ptr + layer * N_PAD + _slot_cols(slots, BITS))
-            r_n = ((t + 1) // N_WINDOWS) * BLOCK_R
-            slots_n = ((t + 1) % N_WINDOWS) * SLOTS + tl.arange(0, SLOTS)
-            rows_n = i < rem - r_n
-            lo_n, hi_n = _slot_words(words_ptr, num_words, _tile_word(word_base, row0 + r_n, n, BITS),
-                                     row_word[:, None, None] + slots_n[None, :, None],
-                                     rows_n[:, None, None] & (slots_n < n_slots)[None, :, None])
-            dw += tl.sum(tl.sum(_unpack(lo, hi, shift, BITS) * u[None, :, :], axis=2), axis=1)
-            if r_n != r:  # last window of this tile: update its rows, fetch the next tile's
-                rows = i < rem - r
-                w_n = tl.load(w_ptr + offs + r_n, mask=rows_n, other=0.0)
-                comp_n = tl.load(comp_ptr + offs + r_n, mask=rows_n & HAS_COMP, other=0.0)
-                _update_weights(w_ptr, comp_ptr, offs + r, rows, w, comp, dw + s, HAS_COMP)
-                w, comp = w_n, comp_n
-                dw = tl.zeros([BLOCK_R], dtype=tl.float32)
-            lo, hi = lo_n, hi_n
+                q = _slot_codes(words_ptr, num_words, first_word, row_word[:, None, None] + slots[None, :, None], shift,
+                                row_mask & (slots < n_slots)[None, :, None], BITS)
+                dw += tl.sum(tl.sum(q * u[None, :, :], axis=2), axis=1)
+            _update_weights(w_ptr, comp_ptr, param_base + row0 + r + i, rows_left, dw + s, HAS_COMP)
 
     @triton.jit
-    def _update_weights(w_ptr, comp_ptr, offs, mask, w, comp, dw, HAS_COMP: tl.constexpr):
-        """Store w + dw (w, comp already loaded); with HAS_COMP, Kahan-compensated in the torch
-        reference's order."""
+    def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
+        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order."""
+        ptr = w_ptr + offs
+        w = tl.load(ptr, mask=mask, other=0.0)
         if HAS_COMP:
-            y = w.to(tl.float32) + (dw + comp.to(tl.float32))
+            cptr = comp_ptr + offs
+            comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
+            y = w.to(tl.float32) + (dw + comp)
             new = _round_to(y, w_ptr.dtype.element_ty)
-            tl.store(comp_ptr + offs, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
-            tl.store(w_ptr + offs, new, mask=mask)
+            tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptr, new, mask=mask)
         else:
-            tl.store(w_ptr + offs, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, scale_ptr, zero_ptr, out_ptr, n,
@@ -274,10 +240,10 @@ class TritonEngine:
     def _launch_args(self):
         tb = self.table
         return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes, self.words.numel(),
-                self.n, self.n_slots)
+                self.n, self.n_slots, self.n_windows)
 
     def _tiles(self):
-        return dict(N_WINDOWS=self.n_windows, BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad, BLOCK_R=self.block_rows, ROWS=self.rows,
+        return dict(BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad, BLOCK_R=self.block_rows, ROWS=self.rows,
                     num_warps=self.num_warps)
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
