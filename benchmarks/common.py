@@ -58,9 +58,10 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        # A copy of the tree without .git (the lent GPU machine) passes the commit in TWA_COMMIT.
-        "commit": git("rev-parse", "HEAD") or os.environ.get("TWA_COMMIT"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if git("rev-parse", "HEAD") else None,
+        # A copy of the tree run elsewhere (the lent GPU machine) names its commit in TWA_COMMIT: its own
+        # .git, if it has one, may be stale.
+        "commit": os.environ.get("TWA_COMMIT") or git("rev-parse", "HEAD"),
+        "dirty": None if os.environ.get("TWA_COMMIT") else bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
     }

@@ -78,17 +78,25 @@ def main(argv=None):
                      "frac_copy": nbytes / t_step / copy_bw, "rel_err_c": err_c, "rel_err_dw": err_w})
         print(rows[-1], flush=True)
         del eng
-    rows.sort(key=lambda r: r["step_s"])
+    payload = {"copy_GBps": copy_bw / 1e9, "bytes": nbytes, "shape": {"D": args.size, "n": args.n, "bits": args.bits},
+               "rows": rows}
+    md = render(environment(device), payload)
+    print(md)
+    save(f"kernel_variants_n{args.n}_b{args.bits}", device, payload, md, out_dir=args.out_dir)
+
+
+def render(env, payload):
+    """The markdown table of a run (fastest first), from its JSON alone."""
+    rows = sorted(payload["rows"], key=lambda r: r["step_s"])
+    shape = payload.get("shape", {"D": 25_557_032, "n": 60, "bits": 4})
     header = ["variant", "step ms", "project ms", "expand ms", "of copy", "rel err c", "rel err Δw"]
     table = [[r["variant"], f"{1e3 * r['step_s']:.3f}", f"{1e3 * r['project_s']:.3f}", f"{1e3 * r['expand_s']:.3f}",
               f"{100 * r['frac_copy']:.0f}%", f"{r['rel_err_c']:.1e}", f"{r['rel_err_dw']:.1e}"] for r in rows]
-    env = environment(device)
-    md = (f"Kernel variants at D = {args.size:,}, n = {args.n}, {args.bits} bits on {env['device']}, torch "
-          f"{env['torch']}, triton {env['triton']}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (same run); "
-          f"{nbytes / 1e9:.2f} GB per step\n\n" + markdown_table(header, table))
-    print(md)
-    save(f"kernel_variants_n{args.n}_b{args.bits}", device, {"copy_GBps": copy_bw / 1e9, "bytes": nbytes,
-                                                              "rows": rows}, md, out_dir=args.out_dir)
+    return (f"Kernel variants at D = {shape['D']:,}, n = {shape['n']}, {shape['bits']} bits on {env['device']}, "
+            f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:10]}, {env['date']}; "
+            f"copy bandwidth {payload['copy_GBps']:.0f} GB/s (same run); {payload['bytes'] / 1e9:.2f} GB per step "
+            "(P̃ twice, g, w in and out); errors are relative to the torch reference on the same inputs\n\n"
+            + markdown_table(header, table))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ SECTIONS = [  # (file prefix, title, command)
     ("roofline_headline", "Projection step at ResNet-50 size (D = 25.6M, n = 60, 4 bits)",
      "python -m benchmarks.roofline --headline"),
     ("roofline", "Projection-step roofline sweep", "python -m benchmarks.roofline"),
+    ("kernel_variants", "GPU kernel variants at ResNet-50 size (H100)", "python -m benchmarks.kernel_variants"),
     ("distributed", "Distributed modes: communication and memory at ResNet-50 size", "python -m benchmarks.distributed"),
     ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
     ("streaming", "Streaming construction", "python -m benchmarks.streaming"),

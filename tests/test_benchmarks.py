@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +82,22 @@ def test_synthetic_layer_sizes(total):
     assert len(sizes) == 161 and sum(sizes) == total and min(sizes) >= 1
     with pytest.raises(ValueError, match="cannot split"):
         layer_sizes_like_a_cnn(100)
+
+
+def test_kernel_variants_table_renders_from_its_json():
+    # The committed GPU tuning run: the README table is a pure function of its JSON.
+    from benchmarks.kernel_variants import render
+
+    for path in (ROOT / "benchmarks" / "results").glob("kernel_variants_*.json"):
+        data = json.loads(path.read_text())
+        assert render(data["environment"], data) == path.with_suffix(".md").read_text()
+        fastest = min(data["rows"], key=lambda r: r["step_s"])
+        assert fastest["rel_err_c"] < 1e-5 and fastest["rel_err_dw"] < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_kernel_variants_needs_a_gpu():
+    from benchmarks.kernel_variants import main
+
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main([])
