@@ -145,3 +145,15 @@ def test_auto_picks_triton_on_cuda_only():
     assert resolve_backend("auto", "cpu") in ("cpp", "torch")
     if torch.cuda.is_available():
         assert resolve_backend("auto", "cuda") == "triton"
+
+
+@pytest.mark.parametrize("n_slots,expected", [(1, 2), (2, 2), (3, 4), (8, 8), (10, 2), (38, 8), (75, 16), (32, 32)])
+def test_triton_column_windows_pad_little(n_slots, expected):
+    # Slots per window: n = 60 at 4 bits (8 slots) is one window; n = 300 at 4 bits (38 slots) is five
+    # windows of 8, 40 slots instead of the 64 a single power-of-two window would take.
+    from twa_kernels.backends.triton_kernels import window_slots
+
+    s = window_slots(n_slots)
+    assert s == expected
+    padded = -(-n_slots // s) * s
+    assert padded - n_slots <= 1 or padded * 8 <= n_slots * 9
