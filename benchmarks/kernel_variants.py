@@ -4,7 +4,8 @@ reference on the same inputs before it is timed, with project and expand also ti
 
     python -m benchmarks.kernel_variants [--bits 4] [--n 60] [--size 25557032]
 
-Prints a table (fastest first) and saves JSON under benchmarks/results/ (``--out-dir`` to change).
+The dense fp32 P of the same shape runs in the same call, for the "≥ 4× dense" ratio ("of copy" for
+it counts the packed bytes, so compare its time). Prints a table (fastest first) and saves JSON under benchmarks/results/ (``--out-dir`` to change).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import torch
 
 from benchmarks.common import copy_bandwidth, environment, markdown_table, median, pick_device, save, time_fn
-from benchmarks.roofline import step_bytes
+from benchmarks.roofline import dense_projection, step_bytes
 from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
@@ -63,12 +64,17 @@ def main(argv=None):
     copy_bw = copy_bandwidth(device)
     nbytes = step_bytes(args.size, args.n, args.bits)
     rows = []
-    for name, make in [("torch reference", lambda: ref)] + candidates(proj, device):
+    dense = ("dense fp32 P (torch matmul, the paper's TWA w/o quantization)",
+             lambda: make_engine(dense_projection(sizes, args.n, device), device))
+    for name, make in [("torch reference", lambda: ref)] + candidates(proj, device) + [dense]:
         eng = make()
         c = eng.project(g)
         w = w0.clone()
         eng.expand(w, delta)
-        err_c, err_w = relative_error(c, c_ref), relative_error(w - w0, w_ref - w0)
+        # The dense P is another matrix (same cost, not the same values): no error to report.
+        same_p = name != dense[0]
+        err_c = relative_error(c, c_ref) if same_p else None
+        err_w = relative_error(w - w0, w_ref - w0) if same_p else None
         w = w0.clone()
         t_proj = median(time_fn(lambda: eng.project(g), device, warmup=3, iters=args.iters))
         t_exp = median(time_fn(lambda: eng.expand(w, delta * 0), device, warmup=3, iters=args.iters))
@@ -85,13 +91,17 @@ def main(argv=None):
     save(f"kernel_variants_n{args.n}_b{args.bits}", device, payload, md, out_dir=args.out_dir)
 
 
+def _err(x):
+    return "–" if x is None else f"{x:.1e}"
+
+
 def render(env, payload):
     """The markdown table of a run (fastest first), from its JSON alone."""
     rows = sorted(payload["rows"], key=lambda r: r["step_s"])
     shape = payload.get("shape", {"D": 25_557_032, "n": 60, "bits": 4})
     header = ["variant", "step ms", "project ms", "expand ms", "of copy", "rel err c", "rel err Δw"]
     table = [[r["variant"], f"{1e3 * r['step_s']:.3f}", f"{1e3 * r['project_s']:.3f}", f"{1e3 * r['expand_s']:.3f}",
-              f"{100 * r['frac_copy']:.0f}%", f"{r['rel_err_c']:.1e}", f"{r['rel_err_dw']:.1e}"] for r in rows]
+              f"{100 * r['frac_copy']:.0f}%", _err(r["rel_err_c"]), _err(r["rel_err_dw"])] for r in rows]
     return (f"Kernel variants at D = {shape['D']:,}, n = {shape['n']}, {shape['bits']} bits on {env['device']}, "
             f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:10]}, {env['date']}; "
             f"copy bandwidth {payload['copy_GBps']:.0f} GB/s (same run); {payload['bytes'] / 1e9:.2f} GB per step "
