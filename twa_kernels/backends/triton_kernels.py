@@ -188,8 +188,8 @@ if AVAILABLE:
 
 class TritonEngine:
     """P̃ on one device and the two fused launches (plus the small ordered reduction of ``project``).
-    ``tile_codes``, ``num_warps`` and ``rows_per_program`` are the tuning knobs
-    (``benchmarks/kernel_variants.py``); ``block_rows`` overrides the rows per tile."""
+    ``tile_codes``, ``num_warps`` and ``tiles_per_program`` (or ``rows_per_program``) are the tuning
+    knobs (``benchmarks/kernel_variants.py``); ``block_rows`` overrides the rows per tile."""
 
     name = "triton"
 
@@ -237,10 +237,12 @@ class TritonEngine:
             raise ValueError(f"the triton backend computes in fp32 and takes fp32/bf16/fp16 {what}, "
                              f"not {flat.dtype}; use backend='torch' for float64")
 
-    def _launch_args(self):
+    def _tables(self):
         tb = self.table
-        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes, self.words.numel(),
-                self.n, self.n_slots, self.n_windows)
+        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes)
+
+    def _scalars(self):
+        return (self.words.numel(), self.n, self.n_slots, self.n_windows)
 
     def _tiles(self):
         return dict(BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad, BLOCK_R=self.block_rows, ROWS=self.rows,
@@ -249,12 +251,10 @@ class TritonEngine:
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         self._check(grad, "gradients")
         out = torch.empty(self.layout.num_layers, self.n, dtype=torch.float32, device=grad.device)
-        tb = self.table
-        tb_args = self._launch_args()
-        _slots_project_kernel[(tb.num_programs,)](self.words, grad, *tb_args[:5], self.part_t, self.part_g,
-                                                  *tb_args[5:], **self._tiles())
+        _slots_project_kernel[(self.table.num_programs,)](
+            self.words, grad, *self._tables(), self.part_t, self.part_g, *self._scalars(), **self._tiles())
         _project_reduce_kernel[(self.layout.num_layers,)](
-            self.part_t, self.part_g, tb.layer_prog, self.scale, self.zero, out, self.n,
+            self.part_t, self.part_g, self.table.layer_prog, self.scale, self.zero, out, self.n,
             N_PAD=self.n_pad, N_P2=self.n_p2)
         return out
 
@@ -266,8 +266,8 @@ class TritonEngine:
         s = (self.zero * delta).sum(dim=1)
         comp = weights if compensation is None else compensation
         _slots_expand_kernel[(self.table.num_programs,)](
-            self.words, weights, comp, self.u, s, *self._launch_args(), HAS_COMP=compensation is not None,
-            **self._tiles())
+            self.words, weights, comp, self.u, s, *self._tables(), *self._scalars(),
+            HAS_COMP=compensation is not None, **self._tiles())
 
 
 def window_slots(n_slots: int) -> int:
