@@ -59,7 +59,7 @@ def run(cases, device, iters, copy_bw):
             b = None
         else:
             b = bits
-            proj = random_projection(sizes, n, b, device=device if device.type == "cuda" else "cpu")
+            proj = random_projection(sizes, n, b, device=device)
             names = [x for x in available_backends(device) if x != "torch"] + ["torch"]
             backends = [(name, lambda name=name: make_engine(proj, device, name)) for name in names]
         for name, make in backends:
