@@ -3,10 +3,12 @@
 // out of bounds.
 #include <torch/extension.h>
 
+#include "twa_cpu_periods.h"
 #include "twa_layout.h"
 
 namespace twa {
 
+bool cpu_vector_kernels_available();
 torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad);
 void expand_cpu(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta);
 #ifdef TWA_WITH_CUDA
@@ -54,9 +56,10 @@ Tables make_tables(const std::vector<torch::Tensor>& tb, int64_t rows_per_progra
 }
 
 torch::Tensor project(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-                      const torch::Tensor& grad, int64_t numel) {
+                      const torch::Tensor& grad, int64_t numel, bool vectorized) {
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == numel, "grad must be a contiguous vector of ", numel);
-  const Tables t = make_tables(tables, rows_per_program, n, bits, grad.device());
+  Tables t = make_tables(tables, rows_per_program, n, bits, grad.device());
+  t.vectorized = vectorized;
   if (grad.is_cuda()) {
 #ifdef TWA_WITH_CUDA
     return project_cuda(t, grad);
@@ -68,9 +71,11 @@ torch::Tensor project(const std::vector<torch::Tensor>& tables, int64_t rows_per
 }
 
 void expand(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-            torch::Tensor weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta, int64_t numel) {
+            torch::Tensor weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta, int64_t numel,
+            bool vectorized) {
   TORCH_CHECK(weights.is_contiguous() && weights.numel() == numel, "weights must be a contiguous vector of ", numel);
-  const Tables t = make_tables(tables, rows_per_program, n, bits, weights.device());
+  Tables t = make_tables(tables, rows_per_program, n, bits, weights.device());
+  t.vectorized = vectorized;
   check(delta, at::kFloat, "delta", weights.device());
   TORCH_CHECK(delta.numel() == t.num_layers * n, "delta must be [L, n]");
   if (comp.has_value()) {
@@ -95,6 +100,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "twa_kernels C++/CUDA backends: fused dequantize + P^T g and w += P dbeta";
   m.def("project", &twa::project, "c = P^T g for all layers");
   m.def("expand", &twa::expand, "w += P delta for all layers, in place");
+  m.def("cpu_vector_kernels_available", &twa::cpu_vector_kernels_available,
+        "whether this CPU runs the AVX2 + FMA kernels of the cpp backend");
+  m.def("period_rows", &twa::period_rows, "rows per period: cpp programs that start on a multiple run vectorised");
 #ifdef TWA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,13 +1,19 @@
 // CPU backend (C++/OpenMP): P̃ᵀg and w += P̃Δβ over the packed codes, all layers per call.
 //
-// Each program (a run of rows of one layer) first unpacks its codes word by word into a float buffer,
-// a loop over the E = 32/B codes of a word with a compile-time E that the compiler unrolls and
-// vectorises, then runs a contiguous multiply-add over the row. Partials are written per program and
-// reduced per layer in program order, so results do not depend on the number of threads.
+// Two kernels per operation, over the same programs (runs of rows of one layer):
+// * vectorised (x86 with AVX2 + FMA, n >= 8, programs that start on a period: twa_cpu_periods.h):
+//   codes go from the packed bytes straight into FMAs, whole periods at a time; the few rows after
+//   the last whole period of a layer take the scalar path;
+// * portable (any CPU, any n): a program's codes are first unpacked word by word into a float buffer,
+//   a loop over the E = 32/B codes of a word with a compile-time E that the compiler unrolls and
+//   vectorises, then a contiguous multiply-add runs over each row.
+// Partials are written per program and reduced per layer in program order, so results do not depend
+// on the number of threads.
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "twa_cpu_periods.h"
 #include "twa_layout.h"
 
 namespace twa {
@@ -49,6 +55,10 @@ inline float to_float(double x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
+inline int64_t program_rows(const Tables& t, int64_t layer, int64_t row0) {
+  return std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
+}
+
 // Runs fn(p, layer, row0, rows, codes, scratch) for every program, in parallel, with the program's
 // codes unpacked to floats in a per-thread buffer and n floats of per-thread scratch.
 template <typename Fn>
@@ -62,15 +72,57 @@ void for_each_program(const Tables& t, Fn&& fn) {
     for (int64_t p = 0; p < t.num_programs; ++p) {
       const int64_t layer = t.prog_layer[p];
       const int64_t row0 = t.prog_row[p];
-      const int64_t rows = std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
+      const int64_t rows = program_rows(t, layer, row0);
       unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
       fn(p, layer, row0, rows, codes.data(), scratch.data());
     }
   }
 }
 
+void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out) {
+  const int n = t.n;
+#pragma omp parallel for schedule(static)
+  for (int64_t l = 0; l < t.num_layers; ++l) {
+    std::vector<float> acc(n, 0.f);
+    float gsum = 0.f;
+    for (int64_t p = t.layer_prog[l]; p < t.layer_prog[l + 1]; ++p) {
+      for (int j = 0; j < n; ++j) acc[j] += part_t[p * n + j];
+      gsum += part_g[p];
+    }
+    for (int j = 0; j < n; ++j) out[l * n + j] = t.scale[l * n + j] * acc[j] + t.zero[l * n + j] * gsum;
+  }
+}
+
+// w[i] += dw, rounded once; with a bf16 compensation buffer, Kahan-compensated in the same operation
+// order as the torch reference.
+template <typename w_t>
+inline void add_to_weight(w_t* weights, c10::BFloat16* comp, int64_t i, float dw) {
+  w_t& w = weights[i];
+  if (comp != nullptr) {
+    const float y = to_float(w) + (dw + static_cast<float>(comp[i]));
+    const w_t rounded = static_cast<w_t>(y);
+    comp[i] = static_cast<c10::BFloat16>(y - to_float(rounded));
+    w = rounded;
+  } else {
+    w = static_cast<w_t>(to_float(w) + dw);
+  }
+}
+
+// u[j] = scale·Δβ per column of the layer, and s = Σ zero·Δβ, the constant every row adds.
+inline float folded_delta(const Tables& t, int64_t layer, const float* delta, float* u) {
+  const int n = t.n;
+  float s = 0.f;
+  for (int j = 0; j < n; ++j) {
+    u[j] = t.scale[layer * n + j] * delta[layer * n + j];
+    s += t.zero[layer * n + j] * delta[layer * n + j];
+  }
+  return s;
+}
+
+// ---- portable kernels -------------------------------------------------------------------------
+
 template <typename grad_t>
-void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+void project_portable(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
   const int n = t.n;
   for_each_program(t, [&](int64_t p, int64_t layer, int64_t row0, int64_t rows, const float* q, float* a) {
     const grad_t* g = grad + t.param_off[layer] + row0;
@@ -88,50 +140,136 @@ void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* par
   });
 }
 
-void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out) {
-  const int n = t.n;
-#pragma omp parallel for schedule(static)
-  for (int64_t l = 0; l < t.num_layers; ++l) {
-    std::vector<float> acc(n, 0.f);
-    float gsum = 0.f;
-    for (int64_t p = t.layer_prog[l]; p < t.layer_prog[l + 1]; ++p) {
-      for (int j = 0; j < n; ++j) acc[j] += part_t[p * n + j];
-      gsum += part_g[p];
-    }
-    for (int j = 0; j < n; ++j) out[l * n + j] = t.scale[l * n + j] * acc[j] + t.zero[l * n + j] * gsum;
-  }
-}
-
 template <typename w_t>
-void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+void expand_portable(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
   const int n = t.n;
   for_each_program(t, [&](int64_t, int64_t layer, int64_t row0, int64_t rows, const float* q, float* u) {
-    float s = 0.f;
-    for (int j = 0; j < n; ++j) {
-      u[j] = t.scale[layer * n + j] * delta[layer * n + j];
-      s += t.zero[layer * n + j] * delta[layer * n + j];
-    }
+    const float s = folded_delta(t, layer, delta, u);
     const int64_t base = t.param_off[layer] + row0;
     for (int64_t r = 0; r < rows; ++r) {
       const float* qr = q + r * n;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int j = 0; j < n; ++j) dot += qr[j] * u[j];
-      const float dw = dot + s;
-      w_t& w = weights[base + r];
-      if (comp != nullptr) {  // Kahan: the same operation order as the torch reference
-        const float y = to_float(w) + (dw + static_cast<float>(comp[base + r]));
-        const w_t rounded = static_cast<w_t>(y);
-        comp[base + r] = static_cast<c10::BFloat16>(y - to_float(rounded));
-        w = rounded;
-      } else {
-        w = static_cast<w_t>(to_float(w) + dw);
-      }
+      add_to_weight(weights, comp, base + r, dot + s);
     }
   });
 }
 
+// ---- vectorised kernels over whole periods (twa_cpu_periods.h) ---------------------------------
+
+bool use_periods(const Tables& t) {
+#if TWA_X86_KERNELS
+  return t.vectorized && t.n >= 8 && avx2_supported() && t.rows_per_program % period_rows(t.n, t.bits) == 0;
+#else
+  return false;
+#endif
+}
+
+#if TWA_X86_KERNELS
+// Programs start on a multiple of R rows, so on a word: row0·n·B bits is a multiple of 32.
+inline const uint8_t* run_bytes(const Tables& t, int64_t layer, int64_t row0) {
+  return reinterpret_cast<const uint8_t*>(t.words + t.word_off[layer]) + row0 * t.n * t.bits / 8;
+}
+
+inline float code_value(const Tables& t, int64_t layer, int64_t k) {
+  const int32_t* w = t.words + t.word_off[layer];
+  switch (t.bits) {
+    case 1: return static_cast<float>(code_at<1>(w, k));
+    case 2: return static_cast<float>(code_at<2>(w, k));
+    case 4: return static_cast<float>(code_at<4>(w, k));
+    default: return static_cast<float>(code_at<8>(w, k));
+  }
+}
+
+template <typename grad_t>
+void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+  const int n = t.n;
+  const PeriodPlan plan(n, t.bits);
+  const int64_t lanes = static_cast<int64_t>(plan.vectors) * 8;
+#pragma omp parallel
+  {
+    std::vector<float> gf(t.rows_per_program + 1);  // + 1: the kernel reads one row past the run
+    std::vector<float> A(lanes);
+    std::vector<float> a(n);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < t.num_programs; ++p) {
+      const int64_t layer = t.prog_layer[p], row0 = t.prog_row[p];
+      const int64_t rows = program_rows(t, layer, row0);
+      const grad_t* g = grad + t.param_off[layer] + row0;
+      float gsum = 0.f;  // lane-wise partial sums: a serial chain here would cost more than the FMAs
+#pragma omp simd reduction(+ : gsum)
+      for (int64_t r = 0; r < rows; ++r) {
+        gf[r] = to_float(g[r]);
+        gsum += gf[r];
+      }
+      gf[rows] = 0.f;
+      const int64_t periods = rows / plan.rows;
+      std::fill(A.begin(), A.end(), 0.f);
+      project_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), gf.data(), periods, A.data());
+      std::fill(a.begin(), a.end(), 0.f);
+      for (int64_t i = 0; i < lanes; ++i) a[plan.col[i]] += A[i];
+      for (int64_t r = periods * plan.rows; r < rows; ++r)
+        for (int j = 0; j < n; ++j) a[j] += code_value(t, layer, (row0 + r) * n + j) * gf[r];
+      for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
+      part_g[p] = gsum;
+    }
+  }
+}
+
+template <typename w_t>
+void expand_periods(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+  const int n = t.n;
+  const PeriodPlan plan(n, t.bits);
+  const int64_t lanes = static_cast<int64_t>(plan.vectors) * 8;
+#pragma omp parallel
+  {
+    std::vector<float> u(n), U(lanes), dots(t.rows_per_program);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < t.num_programs; ++p) {
+      const int64_t layer = t.prog_layer[p], row0 = t.prog_row[p];
+      const int64_t rows = program_rows(t, layer, row0);
+      const float s = folded_delta(t, layer, delta, u.data());
+      for (int64_t i = 0; i < lanes; ++i) U[i] = u[plan.col[i]];
+      const int64_t periods = rows / plan.rows;
+      expand_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), U.data(), periods, dots.data());
+      for (int64_t r = periods * plan.rows; r < rows; ++r) {
+        float dot = 0.f;
+        for (int j = 0; j < n; ++j) dot += code_value(t, layer, (row0 + r) * n + j) * u[j];
+        dots[r] = dot;
+      }
+      const int64_t base = t.param_off[layer] + row0;
+      for (int64_t r = 0; r < rows; ++r) add_to_weight(weights, comp, base + r, dots[r] + s);
+    }
+  }
+}
+#endif
+
+template <typename grad_t>
+void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+#if TWA_X86_KERNELS
+  if (use_periods(t)) return project_periods(t, grad, part_t, part_g);
+#endif
+  project_portable(t, grad, part_t, part_g);
+}
+
+template <typename w_t>
+void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+#if TWA_X86_KERNELS
+  if (use_periods(t)) return expand_periods(t, weights, comp, delta);
+#endif
+  expand_portable(t, weights, comp, delta);
+}
+
 }  // namespace
+
+bool cpu_vector_kernels_available() {
+#if TWA_X86_KERNELS
+  return avx2_supported();
+#else
+  return false;
+#endif
+}
 
 torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad) {
   auto opts = torch::TensorOptions().dtype(torch::kFloat32);

@@ -36,6 +36,7 @@ struct Tables {
   int64_t rows_per_program;
   int n;
   int bits;
+  bool vectorized = true;  // CPU: the AVX2 kernels where the CPU and the shape allow; false: portable only
 };
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };

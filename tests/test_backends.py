@@ -26,15 +26,24 @@ BACKENDS = kernel_backends()
 
 
 def engines(proj, backend, device):
-    """The backend under test at default tiles, and with small tiles (many programs per layer)."""
+    """The backend under test at default tiles, and with small tiles (many programs per layer); for
+    cpp also its vectorised kernel on small runs and its portable kernel alone."""
     out = [make_engine(proj, device, backend)]
     if backend == "triton":
         from twa_kernels.backends.triton_kernels import TritonEngine
         out.append(TritonEngine(proj, torch.device(device), block_rows=16, rows_per_program=48))
     else:
         from twa_kernels.backends.extension import ExtensionEngine
-        out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=48))
+        out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=48, vectorized=False))
+        if device == "cpu":
+            out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=cpp_small_run(proj)))
     return out
+
+
+def cpp_small_run(proj):
+    """Five periods per program: one group of four periods and one period alone."""
+    from twa_kernels.backends.extension import load
+    return 5 * load().period_rows(proj.layout.n, proj.layout.bits)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -157,3 +166,42 @@ def test_triton_column_windows_pad_little(n_slots, expected):
     assert s == expected
     padded = -(-n_slots // s) * s
     assert padded - n_slots <= 1 or padded * 8 <= n_slots * 9
+
+
+CPP = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp unavailable")
+
+
+@CPP
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [8, 9, 10, 16, 24, 31, 64, 300])
+def test_cpp_vectorised_kernel_exact(bits, n):
+    # n = 8: every vector of 8 codes is one whole row; n = 9, 10, 31: vectors cross rows at every
+    # offset; n = 300 at 1 bit: 8 rows per period. Sizes leave rows after the last whole period.
+    from twa_kernels.backends.extension import ExtensionEngine, load
+
+    period = load().period_rows(n, bits)
+    sizes = (1, period - 1 or 1, 3 * period + 1, 21 * period + period // 2, 7)
+    proj = random_projection(sizes, n, bits, seed=n * 10 + bits, dyadic=True)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    g, delta, w = exact_vectors(proj.layout.numel, len(sizes), n)
+    c_ref = ref.project(g)
+    w_ref = w.clone()
+    ref.expand(w_ref, delta)
+    for rows in (None, period, 5 * period):
+        eng = ExtensionEngine(proj, torch.device("cpu"), rows_per_program=rows)
+        assert eng.vectorized == bool(load().cpu_vector_kernels_available())
+        assert torch.equal(eng.project(g), c_ref)
+        w_got = w.clone()
+        eng.expand(w_got, delta)
+        assert torch.equal(w_got, w_ref)
+
+
+@CPP
+def test_cpp_falls_back_to_portable_where_vectors_do_not_fit():
+    from twa_kernels.backends.extension import ExtensionEngine, load
+
+    proj = random_projection(EDGE_SIZES, 7, 4, seed=1)  # n < 8: a vector would hold codes of 3 rows
+    assert not ExtensionEngine(proj, torch.device("cpu")).vectorized
+    proj = random_projection(EDGE_SIZES, 17, 1, seed=1)  # 32 rows per period: 48 is no multiple
+    assert load().period_rows(17, 1) == 32
+    assert not ExtensionEngine(proj, torch.device("cpu"), rows_per_program=48).vectorized

@@ -66,16 +66,32 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" or bool(module.with_cuda)
 
 
+def default_rows_per_program(module, n: int, bits: int, device: torch.device) -> int:
+    """CUDA: 64 rows per block. CPU: about 16K codes per program (the portable kernel's unpacked
+    codes, 64 KiB of floats, stay in L2), a whole number of periods and at least eight, so that the
+    vectorised kernel runs on every program and its per-program tables cost little beside it."""
+    if device.type == "cuda":
+        return 64
+    period = module.period_rows(n, bits)
+    rows = max((1 << 14) // n, 8 * period)
+    return -(-rows // (4 * period)) * 4 * period
+
+
 class ExtensionEngine:
-    def __init__(self, projection: PackedProjection, device: torch.device, rows_per_program: int | None = None):
+    """``vectorized=False`` keeps the cpp backend on its portable kernels (tests run both)."""
+
+    def __init__(self, projection: PackedProjection, device: torch.device, rows_per_program: int | None = None,
+                 vectorized: bool = True):
         self.module = load()
         if self.module is None:
             raise RuntimeError("the twa_kernels C++/CUDA extension is unavailable")
         self.name = "cuda" if device.type == "cuda" else "cpp"
         lay = projection.layout
         self.layout = lay
-        # CPU: a run of rows whose unpacked codes (64 KiB of floats) stay in L2; CUDA: 64 rows per block.
-        self.rows = rows_per_program or (max(32, (1 << 14) // lay.n) if device.type == "cpu" else 64)
+        self.rows = rows_per_program or default_rows_per_program(self.module, lay.n, lay.bits, device)
+        # Which CPU kernel runs: the AVX2 one needs the CPU, n >= 8 and programs that start on a period.
+        self.vectorized = bool(vectorized and device.type == "cpu" and self.module.cpu_vector_kernels_available()
+                               and lay.n >= 8 and self.rows % self.module.period_rows(lay.n, lay.bits) == 0)
         table = BlockTable(lay.sizes, self.rows, device)
         self.tables = [
             projection.words.to(device), lay.word_offsets[:-1].to(device), lay.param_offsets[:-1].to(device),
@@ -85,9 +101,9 @@ class ExtensionEngine:
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         return self.module.project(self.tables, self.rows, self.layout.n, self.layout.bits, grad,
-                                   self.layout.numel)
+                                   self.layout.numel, self.vectorized)
 
     def expand(self, weights: torch.Tensor, delta: torch.Tensor,
                compensation: torch.Tensor | None = None) -> None:
         self.module.expand(self.tables, self.rows, self.layout.n, self.layout.bits, weights, compensation,
-                           delta.to(torch.float32).contiguous(), self.layout.numel)
+                           delta.to(torch.float32).contiguous(), self.layout.numel, self.vectorized)

@@ -5,7 +5,7 @@ Kept free of package imports so setup.py can load it before twa_kernels is insta
 import os
 
 CSRC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc"))
-CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp"]
+CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp", "twa_cpu_avx2.cpp"]
 CUDA_SOURCES = ["twa_cuda.cu", "twa_cuda_launch.cpp"]
 
 
