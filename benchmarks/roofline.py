@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import (copy_bandwidth, environment, markdown_table, median, pick_device, save,
                                time_fn)
 from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends.extension import ExtensionEngine
 from twa_kernels.packing import LayerLayout, PackedProjection
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
 
@@ -62,6 +63,9 @@ def run(cases, device, iters, copy_bw):
             proj = random_projection(sizes, n, b, device=device)
             names = [x for x in available_backends(device) if x != "torch"] + ["torch"]
             backends = [(name, lambda name=name: make_engine(proj, device, name)) for name in names]
+            if "cpp" in names and device.type == "cpu":  # its portable kernel beside the vectorised one
+                backends.insert(names.index("cpp") + 1, (
+                    "cpp (portable kernel)", lambda: ExtensionEngine(proj, device, vectorized=False)))
         for name, make in backends:
             try:
                 engine = make()
@@ -70,8 +74,11 @@ def run(cases, device, iters, copy_bw):
                 continue
             t = measure(engine, D, n, device, iters if name != "torch" or device.type == "cuda" else max(1, iters // 3))
             nbytes = step_bytes(D, n, b)
-            rows.append({"D": D, "n": n, "bits": bits, "backend": name, "time_s": t, "bytes": nbytes,
-                         "GBps": nbytes / t / 1e9, "frac_copy": nbytes / t / copy_bw})
+            row = {"D": D, "n": n, "bits": bits, "backend": name, "time_s": t, "bytes": nbytes,
+                   "GBps": nbytes / t / 1e9, "frac_copy": nbytes / t / copy_bw}
+            if isinstance(engine, ExtensionEngine) and device.type == "cpu":
+                row["cpu_kernel"] = "avx2" if engine.vectorized else "portable"
+            rows.append(row)
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -147,7 +154,7 @@ def main(argv=None):
     rows = speedups(run(cases, device, iters, copy_bw))
     env = environment(device)
     header = ["D", "n", "bits", "backend", "ms/step", "GB/s", "of copy", "vs torch ref", "vs dense fp32"]
-    table = [[f"{r['D']:,}", r["n"], r["bits"], r["backend"],
+    table = [[f"{r['D']:,}", r["n"], r["bits"], r["backend"] + (" (avx2 kernel)" if r.get("cpu_kernel") == "avx2" else ""),
               f"{1e3 * r['time_s']:.2f}" if "time_s" in r else r.get("error"),
               f"{r['GBps']:.1f}" if "GBps" in r else "", f"{100 * r['frac_copy']:.0f}%" if "frac_copy" in r else "",
               f"{r['speedup_vs_torch_ref']:.1f}x" if "speedup_vs_torch_ref" in r else "",

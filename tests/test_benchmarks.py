@@ -46,6 +46,9 @@ def test_roofline_small(tmp_path):
     data = json.loads(next(tmp_path.glob("roofline_*.json")).read_text())
     backends = {r["backend"] for r in data["rows"]}
     assert "torch" in backends and "dense fp32 (torch matmul)" in backends
+    if "cpp" in backends:  # both cpp kernels, timed in the same run, each saying which it is
+        kernels = {r["backend"]: r["cpu_kernel"] for r in data["rows"] if r["backend"].startswith("cpp")}
+        assert kernels["cpp (portable kernel)"] == "portable" and kernels["cpp"] in ("avx2", "portable")
     assert all(0 < r["frac_copy"] for r in data["rows"])
     assert next(tmp_path.glob("roofline_*.png")).stat().st_size > 0
 
