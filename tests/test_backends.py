@@ -51,12 +51,17 @@ def cpp_small_run(proj):
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 60])
 def test_exact_on_dyadic_inputs(backend, device, bits, n):
     proj = random_projection(EDGE_SIZES, n, bits, seed=bits * 100 + n, dyadic=True)
+    assert_exact(proj, engines(proj, backend, device), device)
+
+
+def assert_exact(proj, engs, device):
+    """Every engine gives the reference's bits on dyadic inputs, where every summation order is exact."""
     ref = TorchEngine(proj, torch.device("cpu"))
-    g, delta, w = exact_vectors(proj.layout.numel, len(EDGE_SIZES), n)
+    g, delta, w = exact_vectors(proj.layout.numel, proj.layout.num_layers, proj.layout.n)
     c_ref = ref.project(g)
     w_ref = w.clone()
     ref.expand(w_ref, delta)
-    for eng in engines(proj, backend, device):
+    for eng in engs:
         assert torch.equal(eng.project(g.to(device)).cpu(), c_ref)
         w_dev = w.clone().to(device)
         eng.expand(w_dev, delta.to(device))
@@ -182,18 +187,9 @@ def test_cpp_vectorised_kernel_exact(bits, n):
     period = load().period_rows(n, bits)
     sizes = (1, period - 1 or 1, 3 * period + 1, 21 * period + period // 2, 7)
     proj = random_projection(sizes, n, bits, seed=n * 10 + bits, dyadic=True)
-    ref = TorchEngine(proj, torch.device("cpu"))
-    g, delta, w = exact_vectors(proj.layout.numel, len(sizes), n)
-    c_ref = ref.project(g)
-    w_ref = w.clone()
-    ref.expand(w_ref, delta)
-    for rows in (None, period, 5 * period):
-        eng = ExtensionEngine(proj, torch.device("cpu"), rows_per_program=rows)
-        assert eng.vectorized == bool(load().cpu_vector_kernels_available())
-        assert torch.equal(eng.project(g), c_ref)
-        w_got = w.clone()
-        eng.expand(w_got, delta)
-        assert torch.equal(w_got, w_ref)
+    engs = [ExtensionEngine(proj, torch.device("cpu"), rows_per_program=rows) for rows in (None, period, 5 * period)]
+    assert all(e.vectorized == bool(load().cpu_vector_kernels_available()) for e in engs)
+    assert_exact(proj, engs, "cpu")
 
 
 @CPP
