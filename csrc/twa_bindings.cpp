@@ -9,6 +9,7 @@
 namespace twa {
 
 bool cpu_vector_kernels_available();
+bool vector_kernel_fits(int64_t n, int64_t bits, int64_t rows_per_program);
 torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad);
 void expand_cpu(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta);
 #ifdef TWA_WITH_CUDA
@@ -103,6 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_vector_kernels_available", &twa::cpu_vector_kernels_available,
         "whether this CPU runs the AVX2 + FMA kernels of the cpp backend");
   m.def("period_rows", &twa::period_rows, "rows per period: cpp programs that start on a multiple run vectorised");
+  m.def("cpu_vector_kernel_fits", &twa::vector_kernel_fits,
+        "whether the cpp backend runs its AVX2 kernels for (n, bits, rows_per_program) on this CPU");
 #ifdef TWA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -17,6 +17,17 @@
 #include "twa_layout.h"
 
 namespace twa {
+
+// Whether the vectorised kernels run this shape (twa_cpu_periods.h): an AVX2 + FMA CPU, n >= 8, and
+// programs that start on a period. The engine asks this too, so the rule lives here only.
+bool vector_kernel_fits(int64_t n, int64_t bits, int64_t rows_per_program) {
+#if TWA_X86_KERNELS
+  return n >= 8 && avx2_supported() && rows_per_program % period_rows(static_cast<int>(n), static_cast<int>(bits)) == 0;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 template <int BITS>
@@ -158,28 +169,17 @@ void expand_portable(const Tables& t, w_t* weights, c10::BFloat16* comp, const f
 
 // ---- vectorised kernels over whole periods (twa_cpu_periods.h) ---------------------------------
 
-bool use_periods(const Tables& t) {
-#if TWA_X86_KERNELS
-  return t.vectorized && t.n >= 8 && avx2_supported() && t.rows_per_program % period_rows(t.n, t.bits) == 0;
-#else
-  return false;
-#endif
-}
-
 #if TWA_X86_KERNELS
 // Programs start on a multiple of R rows, so on a word: row0·n·B bits is a multiple of 32.
 inline const uint8_t* run_bytes(const Tables& t, int64_t layer, int64_t row0) {
   return reinterpret_cast<const uint8_t*>(t.words + t.word_off[layer]) + row0 * t.n * t.bits / 8;
 }
 
-inline float code_value(const Tables& t, int64_t layer, int64_t k) {
-  const int32_t* w = t.words + t.word_off[layer];
-  switch (t.bits) {
-    case 1: return static_cast<float>(code_at<1>(w, k));
-    case 2: return static_cast<float>(code_at<2>(w, k));
-    case 4: return static_cast<float>(code_at<4>(w, k));
-    default: return static_cast<float>(code_at<8>(w, k));
-  }
+// The codes of the rows [done, rows) after a program's last whole period (fewer than R rows).
+inline const float* unpack_tail(const Tables& t, int64_t layer, int64_t row0, int64_t done, int64_t rows,
+                                float* out) {
+  unpack_dispatch(t.bits, t.words + t.word_off[layer], (row0 + done) * t.n, (rows - done) * t.n, out);
+  return out;
 }
 
 template <typename grad_t>
@@ -190,7 +190,7 @@ void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* 
 #pragma omp parallel
   {
     std::vector<float> gf(t.rows_per_program + 1);  // + 1: the kernel reads one row past the run
-    std::vector<float> A(lanes);
+    std::vector<float> A(lanes), tail(static_cast<size_t>(plan.rows) * n);
     std::vector<float> a(n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
@@ -209,8 +209,10 @@ void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* 
       project_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), gf.data(), periods, A.data());
       std::fill(a.begin(), a.end(), 0.f);
       for (int64_t i = 0; i < lanes; ++i) a[plan.col[i]] += A[i];
-      for (int64_t r = periods * plan.rows; r < rows; ++r)
-        for (int j = 0; j < n; ++j) a[j] += code_value(t, layer, (row0 + r) * n + j) * gf[r];
+      const int64_t done = periods * plan.rows;
+      const float* q = unpack_tail(t, layer, row0, done, rows, tail.data());
+      for (int64_t r = done; r < rows; ++r)
+        for (int j = 0; j < n; ++j) a[j] += q[(r - done) * n + j] * gf[r];
       for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
       part_g[p] = gsum;
     }
@@ -224,7 +226,7 @@ void expand_periods(const Tables& t, w_t* weights, c10::BFloat16* comp, const fl
   const int64_t lanes = static_cast<int64_t>(plan.vectors) * 8;
 #pragma omp parallel
   {
-    std::vector<float> u(n), U(lanes), dots(t.rows_per_program);
+    std::vector<float> u(n), U(lanes), dots(t.rows_per_program), tail(static_cast<size_t>(plan.rows) * n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
       const int64_t layer = t.prog_layer[p], row0 = t.prog_row[p];
@@ -233,9 +235,11 @@ void expand_periods(const Tables& t, w_t* weights, c10::BFloat16* comp, const fl
       for (int64_t i = 0; i < lanes; ++i) U[i] = u[plan.col[i]];
       const int64_t periods = rows / plan.rows;
       expand_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), U.data(), periods, dots.data());
-      for (int64_t r = periods * plan.rows; r < rows; ++r) {
+      const int64_t done = periods * plan.rows;
+      const float* q = unpack_tail(t, layer, row0, done, rows, tail.data());
+      for (int64_t r = done; r < rows; ++r) {
         float dot = 0.f;
-        for (int j = 0; j < n; ++j) dot += code_value(t, layer, (row0 + r) * n + j) * u[j];
+        for (int j = 0; j < n; ++j) dot += q[(r - done) * n + j] * u[j];
         dots[r] = dot;
       }
       const int64_t base = t.param_off[layer] + row0;
@@ -248,7 +252,8 @@ void expand_periods(const Tables& t, w_t* weights, c10::BFloat16* comp, const fl
 template <typename grad_t>
 void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
 #if TWA_X86_KERNELS
-  if (use_periods(t)) return project_periods(t, grad, part_t, part_g);
+  if (t.vectorized && vector_kernel_fits(t.n, t.bits, t.rows_per_program))
+    return project_periods(t, grad, part_t, part_g);
 #endif
   project_portable(t, grad, part_t, part_g);
 }
@@ -256,7 +261,8 @@ void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* par
 template <typename w_t>
 void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
 #if TWA_X86_KERNELS
-  if (use_periods(t)) return expand_periods(t, weights, comp, delta);
+  if (t.vectorized && vector_kernel_fits(t.n, t.bits, t.rows_per_program))
+    return expand_periods(t, weights, comp, delta);
 #endif
   expand_portable(t, weights, comp, delta);
 }

@@ -89,9 +89,9 @@ class ExtensionEngine:
         lay = projection.layout
         self.layout = lay
         self.rows = rows_per_program or default_rows_per_program(self.module, lay.n, lay.bits, device)
-        # Which CPU kernel runs: the AVX2 one needs the CPU, n >= 8 and programs that start on a period.
-        self.vectorized = bool(vectorized and device.type == "cpu" and self.module.cpu_vector_kernels_available()
-                               and lay.n >= 8 and self.rows % self.module.period_rows(lay.n, lay.bits) == 0)
+        # Which CPU kernel runs (the rule is the extension's own: CPU, n and program alignment).
+        self.vectorized = bool(vectorized and device.type == "cpu"
+                               and self.module.cpu_vector_kernel_fits(lay.n, lay.bits, self.rows))
         table = BlockTable(lay.sizes, self.rows, device)
         self.tables = [
             projection.words.to(device), lay.word_offsets[:-1].to(device), lay.param_offsets[:-1].to(device),
