@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from twa_kernels.backends import PREFERENCE, backend_report, format_backend_report
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -64,7 +66,22 @@ def environment(device: torch.device) -> dict:
         "dirty": None if os.environ.get("TWA_COMMIT") else bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
+        "backends": [r.as_dict() for r in backend_report(device)],
     }
+
+
+def announce_backends(device: torch.device) -> str | None:
+    """Print, before any work, which kernel backend runs on ``device`` and every one that is off, with why
+    and the command that fixes it. Returns a one-line warning for result titles when the fastest
+    backend for the device is off, else None."""
+    report = backend_report(device)
+    print(format_backend_report(report), flush=True)
+    chosen = next((r for r in report if r.chosen), None)
+    fastest = next((r for r in report if r.name == PREFERENCE[device.type][0]), None)
+    if chosen is None or fastest is None or fastest.chosen:
+        return None
+    return (f"**The faster {fastest.name!r} backend was off** ({fastest.detail}); TWA ran on {chosen.name!r}. "
+            f"Fix: {fastest.fix}")
 
 
 def device_tag(device: torch.device) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import environment, markdown_table, save
+from benchmarks.common import announce_backends, environment, markdown_table, save
 
 MODES = ("replicate", "rows", "columns")
 
@@ -76,6 +76,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     backend = "nccl" if torch.cuda.device_count() >= args.world else "gloo"
+    announce_backends(torch.device("cuda" if backend == "nccl" else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(args.world, os.path.join(tmp, "init"), tmp, args.n, args.bits, args.steps,
                                          backend), nprocs=args.world, join=True, start_method="spawn")

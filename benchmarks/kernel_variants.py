@@ -15,8 +15,9 @@ import argparse
 
 import torch
 
-from benchmarks.common import copy_bandwidth, environment, markdown_table, median, pick_device, save, time_fn
-from benchmarks.roofline import dense_projection, step_bytes
+from benchmarks.common import (announce_backends, copy_bandwidth, environment, markdown_table, median, pick_device,
+                               save, time_fn)
+from benchmarks.roofline import step_bytes
 from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
@@ -51,6 +52,7 @@ def main(argv=None):
     device = pick_device("auto")
     if device.type != "cuda":
         raise SystemExit("kernel_variants tunes GPU kernels: it needs a CUDA device")
+    announce_backends(device)
     sizes = layer_sizes_like_a_cnn(args.size)
     proj = random_projection(sizes, args.n, args.bits, device=device)
     L = len(sizes)
@@ -69,7 +71,7 @@ def main(argv=None):
     # The dense P is another matrix (same cost, not the same values): no error to report for it.
     same_p = [(name, make, True) for name, make in [("torch reference", lambda: ref)] + candidates(proj, device)]
     dense = ("dense fp32 P (torch matmul, the paper's TWA w/o quantization)",
-             lambda: make_engine(dense_projection(sizes, args.n, device), device), False)
+             lambda: make_engine(random_projection(sizes, args.n, None, device=device), device), False)
     for name, make, comparable in same_p + [dense]:
         eng = make()
         c = eng.project(g)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import twa_kernels as twa
-from benchmarks.common import environment, markdown_table, pick_device, save
+from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
 
 EPOCHS = 20  # base run; checkpoints of the first EPOCHS / 2 epochs feed the averages
 BATCH = 32
@@ -220,6 +220,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    announce_backends(device)
     d = data(device)
     head, soups, ablations = [], [], []
     alphas0 = None

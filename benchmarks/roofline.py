@@ -5,7 +5,7 @@ torch reference and a dense fp32 P (torch matmul, the paper's "TWA w/o quantizat
     python -m benchmarks.roofline --headline      # the single case D = 25.6M, n = 60, 4 bits
     python -m benchmarks.roofline --quick         # a small CPU sweep (the default without a GPU)
 
-Bytes counted per step (the floor of DESIGN.md section 2): the packed P̃ read twice, g read once,
+Bytes counted per step (the floor of docs/DESIGN.md, section 2): the packed P̃ read twice, g read once,
 w read and written once. Effective GB/s is that over the median time; "of copy" divides by the
 device's own copy bandwidth measured in the same run. Results go to benchmarks/results/ as JSON,
 markdown, and a plot.
@@ -19,19 +19,11 @@ import itertools
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import (copy_bandwidth, environment, markdown_table, median, pick_device, save,
-                               time_fn)
+from benchmarks.common import (announce_backends, copy_bandwidth, environment, markdown_table, median, pick_device,
+                               save, time_fn)
 from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.extension import ExtensionEngine
-from twa_kernels.packing import LayerLayout, PackedProjection
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
-
-
-def dense_projection(sizes, n, device) -> PackedProjection:
-    lay = LayerLayout(tuple(sizes), n, None)
-    rows = torch.randn(lay.numel, n, device=device) * 0.01
-    z = torch.zeros(len(sizes), n, device=device)
-    return PackedProjection(lay, z, z, dense_rows=rows)
 
 
 def step_bytes(numel, n, bits, weight_bytes=4):
@@ -56,7 +48,8 @@ def run(cases, device, iters, copy_bw):
     for D, n, bits in tqdm(cases, desc="roofline", unit="case"):
         sizes = layer_sizes_like_a_cnn(D)
         if bits == "fp32":
-            backends = [("dense fp32 (torch matmul)", lambda: make_engine(dense_projection(sizes, n, device), device))]
+            backends = [("dense fp32 (torch matmul)",
+                         lambda: make_engine(random_projection(sizes, n, None, device=device), device))]
             b = None
         else:
             b = bits
@@ -141,6 +134,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
+    announce_backends(device)
     if args.headline:
         Ds, ns, bits = [25_557_032], [60], [4, "fp32"]
     elif args.quick or not gpu:

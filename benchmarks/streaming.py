@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks.common import environment, pick_device, save
+from benchmarks.common import announce_backends, environment, pick_device, save
 
 
 class GPT2Shapes(nn.Module):
@@ -112,6 +112,7 @@ def main(argv=None):
     if args.worker:
         build_worker(args.worker[:-1], args.bits, args.worker[-1])
         return
+    announce_backends(torch.device("cpu"))
     model = GPT2Shapes()
     numel = sum(p.numel() for p in model.parameters())
     existing = [os.path.join(args.dir, f"ckpt_{i:03d}.safetensors") for i in range(args.n)]

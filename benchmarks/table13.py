@@ -3,6 +3,10 @@
 
     python -m benchmarks.table13            # GPU: ResNet-50, batch 256, 3x224x224, 1000 classes, n = 60
                                             # no GPU: the small embedded default on CPU (minutes)
+    python -m benchmarks.table13 --quick --out-dir DIR   # seconds: a smoke test of the whole job
+
+Before any work it prints which kernel backend runs and, when a faster one is off, why and the command
+that fixes it; the JSON records the same.
 
 Every configuration runs in a fresh subprocess, so its peak memory (``torch.cuda.max_memory_allocated``
 on a GPU, the process's peak RSS on a CPU) is its own. Rows for k GPUs: with fewer devices than k
@@ -23,7 +27,7 @@ import tempfile
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import environment, markdown_table, median, pick_device, save, time_fn
+from benchmarks.common import announce_backends, environment, markdown_table, median, pick_device, save, time_fn
 
 PAPER = {1: (5.3, 3.7), 2: (5.0, 1.9), 4: (3.5, 1.0)}  # TWA vs SGD, % time and % memory, A100 40G
 CONFIGS = {"sgd": None, "twa_fp32": "fp32", "twa_4bit": 4}
@@ -116,6 +120,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="run every configuration this many times, interleaved, and take the median "
                         "(guards the ratios against drift of a shared machine; default 3 on CPU, 1 on GPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test in seconds: the CPU default with one round of 3 steps, 1 GPU row only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     p.add_argument("--subspace", default=None, help=argparse.SUPPRESS)
@@ -123,15 +129,19 @@ def main(argv=None):
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     # The paper's configuration on a GPU; a small one that finishes in minutes on 2 CPU cores.
+    small = dict(model="small", batch=16, image_size=64, classes=100, n=10, warmup=3, iters=10, rounds=3)
     defaults = (dict(model="resnet50", batch=256, image_size=224, classes=1000, n=60, warmup=5, iters=20, rounds=1)
-                if gpu else dict(model="small", batch=16, image_size=64, classes=100, n=10, warmup=3, iters=10,
-                                 rounds=3))
+                if gpu else small)
+    if args.quick:
+        defaults = dict(small, warmup=1, iters=3, rounds=1)
+        args.gpus = [1]
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    backend_warning = announce_backends(device)
 
     visible = torch.cuda.device_count() if gpu else 1
     runs = {}
@@ -177,7 +187,8 @@ def main(argv=None):
              f"model {args.model} ({sgd['params']:,} parameters), batch {args.batch}, "
              f"3×{args.image_size}×{args.image_size}, {args.classes} classes, n = {args.n}, SGD momentum 0.9; "
              f"time: median over {args.rounds} interleaved round(s) of the median of {args.iters} steps after "
-             f"{args.warmup} warm-up; memory: {memory_kind}.\n\n")
+             f"{args.warmup} warm-up; memory: {memory_kind}.\n\n"
+             + (f"{backend_warning}\n\n" if backend_warning else ""))
     header = ["GPUs", "config", "backend", "ms/step", "rounds (ms)", "time vs SGD", "peak MiB", "memory vs SGD",
               "P̃ MiB", "paper TWA (A100): time / memory", "what was measured"]
     md = title + markdown_table(header, rows)

@@ -1,5 +1,5 @@
 // Torch-facing wrappers of the CUDA kernels in twa_cuda.cu.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -29,7 +29,7 @@ torch::Tensor project_cuda(const Tables& t, const torch::Tensor& grad) {
   auto out = torch::empty({t.num_layers, t.n}, opts);
   const cudaError_t err = launch_project(t, dtype_of(grad), grad.data_ptr(), part_t.data_ptr<float>(),
                                          part_g.data_ptr<float>(), out.data_ptr<float>(),
-                                         at::cuda::getCurrentCUDAStream());
+                                         c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "twa project kernel failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -39,7 +39,7 @@ void expand_cuda(const Tables& t, torch::Tensor& weights, c10::optional<torch::T
   const c10::cuda::CUDAGuard guard(weights.device());
   void* comp_ptr = comp.has_value() ? comp->data_ptr() : nullptr;
   const cudaError_t err = launch_expand(t, dtype_of(weights), weights.data_ptr(), comp_ptr,
-                                        delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+                                        delta.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "twa expand kernel failed: ", cudaGetErrorString(err));
 }
 

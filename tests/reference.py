@@ -1,4 +1,4 @@
-"""TWA written straight from the equations of the paper / DESIGN.md, in float64, for the tests.
+"""TWA written straight from the equations of the paper / docs/DESIGN.md, in float64, for the tests.
 
 Nothing here calls twa_kernels: it is the independent statement the package is checked against.
 """
@@ -47,7 +47,7 @@ def layer_stacks(checkpoints, names, layers="param"):
 
 
 def projection(x, decouple):
-    """P (float64, [D_l, n]) of one layer from its [n, D_l] stack (Section 1 of DESIGN.md)."""
+    """P (float64, [D_l, n]) of one layer from its [n, D_l] stack (section 1 of docs/DESIGN.md)."""
     if decouple == "center":
         d = x - x.mean(dim=0)
         return (d / d.norm(dim=1, keepdim=True)).T

@@ -1,12 +1,13 @@
 """twa_kernels: Trainable Weight Averaging with fused low-bit projection kernels."""
 
 from . import baselines, distributed, testing
-from .backends import available_backends
+from .backends import available_backends, backend_report, format_backend_report
 from .baselines import ema, greedy_soup, lawa, swa, update_bn
 from .optim import ProjectedAdamW, ProjectedSGD
 from .subspace import Subspace
 
 __version__ = "0.1.0"
 
-__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "baselines", "distributed", "ema",
-           "greedy_soup", "lawa", "swa", "testing", "update_bn", "__version__"]
+__all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "backend_report", "baselines",
+           "distributed", "ema", "format_backend_report", "greedy_soup", "lawa", "swa", "testing", "update_bn",
+           "__version__"]

@@ -1,6 +1,6 @@
 """Distributed TWA over torch.distributed (NCCL for CUDA tensors, gloo for CPU tensors).
 
-Three ways to spread the work over k ranks (DESIGN.md section 3), chosen when the subspace is built
+Three ways to spread the work over k ranks (docs/DESIGN.md, section 3), chosen when the subspace is built
 (``Subspace.from_checkpoints(..., shard=mode, process_group=pg)``); the optimizers follow the subspace:
 
 =============  ==========================================  ===============================================
@@ -160,6 +160,15 @@ class Communicator:
     def all_gather(self, output, input):
         self._count("all_gather", output.numel() * output.element_size())
         _all_gather(output, input, group=self.group)
+
+    # Means as a sum and a division: older gloo has no ReduceOp.AVG.
+    def all_reduce_mean(self, tensor):
+        self.all_reduce(tensor)
+        tensor.div_(self.world_size)
+
+    def reduce_scatter_mean(self, output, input):
+        self.reduce_scatter(output, input)
+        output.div_(self.world_size)
 
     def wire_bytes(self) -> float:
         return ring_wire_bytes(self.payload, self.world_size)

@@ -7,14 +7,20 @@ import torch
 from .packing import LayerLayout, PackedProjection, pack_codes
 
 
-def random_projection(sizes, n: int, bits: int, seed: int = 0, dyadic: bool = False,
+def random_projection(sizes, n: int, bits: int | None, seed: int = 0, dyadic: bool = False,
                       device="cpu") -> PackedProjection:
     """A packed P̃ with uniformly random codes; the unused tail bits of each layer are zero as the
     packer leaves them. ``dyadic``: scale 2^-4 and zeros on the 2^-4 grid, so that with small-integer
     inputs every product and sum a kernel forms is exact in fp32. On a CUDA ``device`` the words are
-    drawn there directly (uniform codes, random tail bits), which benchmark-sized P̃ needs."""
+    drawn there directly (uniform codes, random tail bits), which benchmark-sized P̃ needs.
+    ``bits=None``: a dense fp32 P (entries of about 0.01), drawn on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     lay = LayerLayout(tuple(sizes), n, bits)
+    if bits is None:
+        rows = torch.randn(lay.numel, n, generator=torch.Generator(device=device).manual_seed(seed),
+                           device=device) * 0.01
+        zeros = torch.zeros(len(sizes), n, device=device)
+        return PackedProjection(lay, zeros, zeros, dense_rows=rows)
     if torch.device(device).type == "cuda":
         words = _random_words_on(lay.num_words, torch.device(device), seed)
     else:

@@ -5,75 +5,159 @@ An *engine* holds P̃ on one device and offers two operations over all layers at
 * ``project(grad) -> c``: c[l] = P̃^lᵀ grad^l, ``[L, n]`` in float32 (float64 for float64 grads);
 * ``expand(weights, delta, compensation=None)``: weights^l += P̃^l delta[l], in place.
 
-``grad`` and ``weights`` are flat vectors of all parameters in layer order. Backends:
+``grad`` and ``weights`` are flat vectors of all parameters in layer order. The backends form one
+registry (:data:`REGISTRY`): each names the devices it runs on, how to tell whether it runs here (a
+probe that says why not, and the command that fixes it), and how to make its engine.
 
 =========  ==========================================================================
 ``triton``  fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``)
-``cuda``    CUDA C++ extension from ``csrc/``
-``cpp``     CPU C++/OpenMP extension from ``csrc/``
+``cuda``    CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
+``cpp``     CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
 ``torch``   the plain reference (dequantize a chunk, then matmul), any device
 =========  ==========================================================================
 
+An explicit backend probes (and, for the extension, compiles) nothing but itself. ``"auto"`` takes
+the fastest backend that runs, and when that is not the fastest there is for the device, it warns
+once per process saying which runs, which is off, why, and the command that fixes it.
 ``bits=None`` (fp32 P, "TWA w/o quantization") is a dense matmul whatever the backend.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..packing import PackedProjection
-
-BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        try:
-            from . import triton_kernels
-        except ImportError:
-            return False
-        return triton_kernels.AVAILABLE
-    return False
+from . import extension
 
 
-def _extension_usable(device: torch.device) -> bool:
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend runs on a device: ``detail`` says how it runs or why not, ``fix`` is the one
+    command (or step) that turns it on."""
+
+    ok: bool
+    detail: str = ""
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    probe: Callable[[torch.device], Availability]
+    factory: Callable[[PackedProjection, torch.device], object]
+    summary: str
+
+
+def _probe_triton(device: torch.device) -> Availability:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return Availability(False, "on the CPU Triton runs only in its interpreter, for tests",
+                            "set TRITON_INTERPRET=1 before importing twa_kernels")
     try:
-        from . import extension
-    except ImportError:
-        return False
-    return extension.available(device)
+        from . import triton_kernels
+    except ImportError as err:
+        return Availability(False, f"twa_kernels' Triton kernels do not import ({err})", "pip install triton")
+    if not triton_kernels.AVAILABLE:
+        return Availability(False, "triton is not installed", "pip install triton")
+    return Availability(True, "interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" else "")
+
+
+def _extension_probe(kind: str):
+    def probe(device: torch.device) -> Availability:
+        st = extension.status(kind)
+        if st.module is None:
+            return Availability(False, st.reason, st.fix)
+        if kind == "cpu":
+            kernels = "AVX2 + FMA kernels" if st.module.cpu_vector_kernels_available() else "portable kernels only"
+            return Availability(True, f"{st.origin}; {kernels}")
+        return Availability(True, st.origin)
+
+    return probe
+
+
+def _triton_engine(projection, device):
+    from .triton_kernels import TritonEngine
+
+    return TritonEngine(projection, device)
+
+
+def _extension_engine(projection, device):
+    return extension.ExtensionEngine(projection, device)
+
+
+def _torch_engine(projection, device):
+    from .torch_ref import TorchEngine
+
+    return TorchEngine(projection, device)
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("triton", ("cuda", "cpu"), _probe_triton, _triton_engine,
+            "fused Triton kernels, all layers per launch"),
+    Backend("cuda", ("cuda",), _extension_probe("cuda"), _extension_engine, "CUDA C++ kernels from csrc/"),
+    Backend("cpp", ("cpu",), _extension_probe("cpu"), _extension_engine,
+            "C++/OpenMP kernels from csrc/ (AVX2 + FMA where the CPU has it)"),
+    Backend("torch", ("cuda", "cpu"), lambda device: Availability(True, "always"), _torch_engine,
+            "the plain reference: dequantize, then matmul"),
+)}
+BACKENDS = ("auto", *REGISTRY)
+# What "auto" takes, fastest first. Triton on the CPU is the interpreter: for tests, never chosen.
+PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+_WARNED: set = set()
+
+
+def probe(name: str, device) -> Availability:
+    """Whether backend ``name`` runs on ``device``; probes that backend alone."""
+    device = torch.device(device)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    backend = REGISTRY[name]
+    if device.type not in backend.devices:
+        return Availability(False, f"runs on {' and '.join(backend.devices)} tensors only",
+                            f"use backend='auto' for {device.type} tensors")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return Availability(False, "no CUDA device is visible", "run on a machine with an NVIDIA GPU")
+    return backend.probe(device)
 
 
 def available_backends(device) -> list[str]:
-    device = torch.device(device)
-    out = []
-    if _triton_usable(device):
-        out.append("triton")
-    if device.type == "cuda" and _extension_usable(device):
-        out.append("cuda")
-    if device.type == "cpu" and _extension_usable(device):
-        out.append("cpp")
-    out.append("torch")
-    return out
+    """Every backend that runs on ``device`` (probes them all)."""
+    return [name for name in REGISTRY if probe(name, device).ok]
+
+
+def _auto(device: torch.device) -> str | None:
+    preferred = PREFERENCE.get(device.type, ("torch",))
+    skipped = []
+    for name in preferred:
+        found = probe(name, device)
+        if found.ok:
+            if skipped and device.type not in _WARNED:
+                _WARNED.add(device.type)
+                off, why = skipped[0]
+                warnings.warn(f"twa_kernels: the {name!r} backend runs on {device.type}, not the faster {off!r}: "
+                              f"{why.detail}. Fix: {why.fix}. (`python -m twa_kernels backends` reports every "
+                              "backend.)", RuntimeWarning, stacklevel=4)
+            return name
+        skipped.append((name, found))
+    return None
 
 
 def resolve_backend(backend: str, device) -> str:
     device = torch.device(device)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    usable = available_backends(device)
     if backend == "auto":
-        preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-        return next(b for b in preferred if b in usable)
-    if backend not in usable:
-        hint = {
-            "triton": "needs a CUDA device (or TRITON_INTERPRET=1 set before import, on CPU) and triton",
-            "cuda": "needs a CUDA device and the compiled csrc/ extension",
-            "cpp": "needs CPU tensors and the compiled csrc/ extension",
-        }[backend]
-        raise RuntimeError(f"backend {backend!r} cannot run on {device}: it {hint}")
+        chosen = _auto(device)
+        if chosen is None:
+            found = probe("torch", device)
+            raise RuntimeError(f"no backend runs on {device}: {found.detail}. Fix: {found.fix}")
+        return chosen
+    found = probe(backend, device)
+    if not found.ok:
+        raise RuntimeError(f"backend {backend!r} cannot run on {device}: {found.detail}. Fix: {found.fix}")
     return backend
 
 
@@ -81,23 +165,72 @@ def make_engine(projection: PackedProjection, device, backend: str = "auto", dty
     """The engine for parameters of ``dtype`` on ``device``. The kernels compute in fp32: float64
     parameters get the reference under "auto" and an error from an explicit kernel backend."""
     device = torch.device(device)
-    name = resolve_backend(backend, device)  # unknown or unusable backends are reported first
-    if dtype == torch.float64:
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend {backend!r} computes in fp32; float64 parameters need backend='torch'")
-        name = "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if projection.layout.bits is None:
         from .dense import DenseEngine
 
         return DenseEngine(projection, device)
-    if name == "triton":
-        from .triton_kernels import TritonEngine
+    if dtype == torch.float64 and backend == "auto":
+        return _torch_engine(projection, device)
+    name = resolve_backend(backend, device)  # an explicit backend that cannot run here is reported first
+    if dtype == torch.float64 and name != "torch":
+        raise ValueError(f"backend {backend!r} computes in fp32; float64 parameters need backend='torch'")
+    return REGISTRY[name].factory(projection, device)
 
-        return TritonEngine(projection, device)
-    if name in ("cuda", "cpp"):
-        from .extension import ExtensionEngine
 
-        return ExtensionEngine(projection, device)
-    from .torch_ref import TorchEngine
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    device: str
+    available: bool
+    chosen: bool
+    detail: str
+    fix: str
+    summary: str
 
-    return TorchEngine(projection, device)
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def backend_report(device=None) -> list[BackendStatus]:
+    """Every backend for ``device`` (default: the CPU, and CUDA too when a GPU is visible): whether it
+    runs, how or why not, the command that fixes it, and which one ``backend="auto"`` takes."""
+    if device is None:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(device)]
+    out = []
+    for dev in devices:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            chosen = _auto(dev)
+        for name, backend in REGISTRY.items():
+            if dev.type in backend.devices:
+                found = probe(name, dev)
+                out.append(BackendStatus(name, dev.type, found.ok, name == chosen, found.detail,
+                                         "" if found.ok else found.fix, backend.summary))
+    return out
+
+
+def format_backend_report(report: list[BackendStatus]) -> str:
+    """The report as lines a person reads: per device, first what runs and, when a faster backend is off,
+    why and the command that fixes it; then every backend (* runs, + available, - off)."""
+    lines = []
+    for device in dict.fromkeys(r.device for r in report):
+        rows = [r for r in report if r.device == device]
+        chosen = next((r for r in rows if r.chosen), None)
+        best = PREFERENCE.get(device, ("torch",))[0]
+        preferred = next((r for r in rows if r.name == best), chosen)
+        if chosen is None:
+            head = f"{device}: no backend runs ({rows[-1].detail})"
+        else:
+            head = f"{device}: backend {chosen.name!r} runs"
+        if chosen is not None and preferred is not chosen:
+            head += f" -- the faster {preferred.name!r} is OFF: {preferred.detail}. Fix: {preferred.fix}"
+        lines.append(head)
+        for r in rows:
+            mark = "*" if r.chosen else ("+" if r.available else "-")
+            text = r.detail if r.available else f"off: {r.detail}" + (f" (fix: {r.fix})" if r.fix else "")
+            lines.append(f"  {mark} {r.name:<7}{text}")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..packing import PackedProjection
-from .torch_ref import accumulation_dtype, apply_update
+from .numerics import accumulation_dtype, apply_update
 
 
 class DenseEngine:

@@ -1,69 +1,206 @@
-"""The C++/CUDA extension from ``csrc/``: the ``cpp`` (CPU, OpenMP) and ``cuda`` backends.
+"""The extension modules from ``csrc/``: ``_C`` (the ``cpp`` backend) and ``_C_cuda`` (the ``cuda`` backend).
 
-Loading order: the module built at install time (``twa_kernels._C``); otherwise it is compiled on
-first use with ``torch.utils.cpp_extension.load`` and cached in torch's extension directory
-(``TORCH_EXTENSIONS_DIR``); if that fails too the package warns once and runs on the other backends.
-``TWA_NO_EXTENSION=1`` turns the extension off.
+Each module is looked for in this order, on its own (one failing never takes the other down):
+
+1. the module built at install time (``pip install --no-build-isolation -e .``), unless it was built
+   against another torch than the one running (its C++ ABI may differ);
+2. otherwise it is compiled on first use with ``torch.utils.cpp_extension.load`` into a cache directory
+   of its own per torch version (``$TORCH_EXTENSIONS_DIR/twa_kernels/...``), under a file lock, so that
+   two processes never build at once and a lock left by a killed build never hangs the next one;
+3. if that fails too, the backend is off, and :func:`status` says why, with the compiler's first error
+   (not ninja's last line) and the one command that fixes it.
+
+``TWA_NO_EXTENSION=1`` turns both off.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import warnings
+import re
+import shutil
+import sys
+from dataclasses import dataclass
 
 import torch
 
 from ..packing import PackedProjection
+from . import extension_sources as src
 from .blocks import BlockTable
 
-_STATE: dict = {}
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised across processes there
+    fcntl = None
+
+REINSTALL = 'pip install --no-build-isolation -e ".[triton]"'
 
 
-def _compile():
+@dataclass(frozen=True)
+class ModuleStatus:
+    """Whether an extension module loaded: ``origin`` says how, or ``reason`` why not, and ``fix`` is the
+    one command (or step) that makes it load."""
+
+    module: object | None
+    origin: str = ""
+    reason: str = ""
+    fix: str = ""
+
+
+_STATUS: dict[str, ModuleStatus] = {}
+
+
+def _torch_minor() -> str:
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def cache_root() -> str:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions")
+    return os.path.join(base, "twa_kernels")
+
+
+def build_directory(kind: str) -> str:
+    """One directory per (kind, python, torch build): a module compiled for one torch is never loaded by
+    another."""
+    tag = re.sub(r"[^A-Za-z0-9_.]", "_", f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
+    return os.path.join(cache_root(), tag, kind)
+
+
+def first_error(log: str) -> str:
+    """The line a person needs from a failed build: the compiler's first error, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    # gcc/clang "file:line:col: error: ...", then nvcc's and the linker's own wordings
+    for pattern in (r":\s*(fatal )?error\b", r"\berror\b", r"undefined reference|cannot find|not found"):
+        for ln in lines:
+            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith(("ninja:", "FAILED:", "Error building")):
+                return ln
+    return lines[-1] if lines else "(no output)"
+
+
+def _prerequisites(kind: str) -> tuple[str, str] | None:
+    """(reason, fix) when a compile cannot even start here."""
     from torch.utils import cpp_extension
 
-    from .extension_sources import extension_kwargs
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found)", "install one, e.g. `apt-get install g++`"
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed", "pip install ninja"
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return "this torch is a CPU build", "install a CUDA build of torch"
+        if src.use_cuda_home(cpp_extension, torch.version.cuda) is None:
+            return (f"no CUDA toolkit found (nvcc and headers; torch is built for CUDA {torch.version.cuda})",
+                    f"install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME")
+    return None
 
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
-        and torch.cuda.is_available()
-    kw = extension_kwargs(with_cuda=with_cuda, native=True)
-    kw.pop("with_cuda")
-    cflags = kw["extra_compile_args"]["cxx"] + [f"-D{m}" for m, _ in kw["define_macros"]]
-    return cpp_extension.load(
-        name="twa_kernels_C" + ("_cuda" if with_cuda else "_cpu"), sources=kw["sources"],
-        extra_cflags=cflags, extra_cuda_cflags=kw["extra_compile_args"].get("nvcc", []) +
-        [f"-D{m}" for m, _ in kw["define_macros"]], extra_ldflags=kw["extra_link_args"],
-        with_cuda=with_cuda, verbose=False)
+
+class _BuildLock:
+    """An exclusive lock beside the build directory, held for the whole compile. While it is held no other
+    build of ours runs, so a torch ``lock`` file found in the directory is stale (left by a killed build)
+    and is removed instead of waited on forever."""
+
+    def __init__(self, directory: str):
+        self.path = directory.rstrip(os.sep) + ".lock"
+        self.directory = directory
+
+    def __enter__(self):
+        os.makedirs(self.directory, exist_ok=True)
+        self.file = open(self.path, "w")
+        if fcntl is not None:
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        stale = os.path.join(self.directory, "lock")
+        if fcntl is not None and os.path.exists(stale):
+            os.remove(stale)
+        return self
+
+    def __exit__(self, *exc):
+        if fcntl is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
-def load():
-    """The extension module, or None (with one warning saying why)."""
-    if "module" in _STATE:
-        return _STATE["module"]
-    module = None
-    if os.environ.get("TWA_NO_EXTENSION") != "1":
+def _compile(kind: str):
+    from torch.utils import cpp_extension
+
+    if kind == "cuda":
+        src.ensure_cuda_arch_list(gpu_visible=torch.cuda.is_available())
+        kw = src.cuda_extension_kwargs(torch.__version__)
+        cflags, cuda_flags, ldflags = kw["extra_compile_args"]["cxx"], kw["extra_compile_args"]["nvcc"], []
+    else:
+        kw = src.cpu_extension_kwargs(torch.__version__, native=os.environ.get("TWA_PORTABLE") != "1")
+        cflags, cuda_flags, ldflags = kw["extra_compile_args"]["cxx"], [], kw["extra_link_args"]
+    macros = [f"-D{name}={value}" for name, value in kw["define_macros"]]
+    directory = build_directory(kind)
+    with _BuildLock(directory):
         try:
-            from .. import _C as module  # built by setup.py
-        except ImportError:
-            try:
-                module = _compile()
-            except Exception as err:  # no compiler, no headers, a failed build: other backends work
-                warnings.warn(f"twa_kernels: the C++/CUDA extension is unavailable ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
-                              "backends 'cpp' and 'cuda' are off, 'triton' and 'torch' still work",
-                              RuntimeWarning, stacklevel=3)
-    _STATE["module"] = module
-    return module
+            return cpp_extension.load(
+                name=f"twa_kernels{src.MODULES[kind]}", sources=kw["sources"], extra_cflags=cflags + macros,
+                extra_cuda_cflags=cuda_flags + macros, extra_ldflags=ldflags, with_cuda=kind == "cuda",
+                build_directory=directory, verbose=False)
+        except Exception as err:
+            log = os.path.join(directory, "build.log")
+            with open(log, "w") as f:
+                f.write(str(err))
+            raise BuildFailed(f"compiling csrc/ failed: {first_error(str(err))} (whole log: {log})") from None
 
 
-def available(device: torch.device) -> bool:
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        return False
-    module = load()
-    if module is None:
-        return False
-    return device.type == "cpu" or bool(module.with_cuda)
+class BuildFailed(RuntimeError):
+    pass
+
+
+def _installed(kind: str):
+    """The module built at install time, or (None, why not)."""
+    name = f"twa_kernels.{src.MODULES[kind]}"
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        missing = isinstance(err, ModuleNotFoundError) and err.name == name
+        return None, "not built at install" if missing else f"the installed {name} does not load ({err})"
+    built_for = getattr(module, "torch_version", "unknown")
+    if built_for != _torch_minor():
+        return None, f"the installed {name} was built for torch {built_for}, this is torch {torch.__version__}"
+    return module, ""
+
+
+def _load(kind: str) -> ModuleStatus:
+    if os.environ.get("TWA_NO_EXTENSION") == "1":
+        return ModuleStatus(None, reason="turned off by TWA_NO_EXTENSION=1", fix="unset TWA_NO_EXTENSION")
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return ModuleStatus(None, reason="this torch is a CPU build", fix="install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            return ModuleStatus(None, reason="no CUDA device is visible", fix="run on a machine with an NVIDIA GPU")
+    module, not_installed = _installed(kind)
+    if module is not None:
+        return ModuleStatus(module, origin="built at install")
+    missing = _prerequisites(kind)
+    if missing is not None:
+        reason, fix = missing
+        return ModuleStatus(None, reason=f"{not_installed}, and it cannot be compiled here: {reason}", fix=fix)
+    try:
+        module = _compile(kind)
+    except Exception as err:  # a failed build: the other backends still work
+        return ModuleStatus(None, reason=f"{not_installed}; {err}",
+                            fix=f"fix the error above, then `{REINSTALL}` (or report it with the log)")
+    return ModuleStatus(module, origin=f"compiled on first use ({not_installed}), cached in {build_directory(kind)}")
+
+
+def status(kind: str) -> ModuleStatus:
+    """Load (once per process) and report the ``"cpu"`` or ``"cuda"`` module."""
+    if kind not in src.MODULES:
+        raise ValueError(f"unknown extension kind {kind!r}: 'cpu' or 'cuda'")
+    if kind not in _STATUS:
+        _STATUS[kind] = _load(kind)
+    return _STATUS[kind]
+
+
+def load(kind: str = "cpu"):
+    """The module for ``kind``, or None (:func:`status` says why)."""
+    return status(kind).module
 
 
 def default_rows_per_program(module, n: int, bits: int, device: torch.device) -> int:
@@ -82,15 +219,16 @@ class ExtensionEngine:
 
     def __init__(self, projection: PackedProjection, device: torch.device, rows_per_program: int | None = None,
                  vectorized: bool = True):
-        self.module = load()
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        self.module = load(kind)
         if self.module is None:
-            raise RuntimeError("the twa_kernels C++/CUDA extension is unavailable")
-        self.name = "cuda" if device.type == "cuda" else "cpp"
+            raise RuntimeError(f"the twa_kernels {kind} extension is unavailable: {status(kind).reason}")
+        self.name = "cuda" if kind == "cuda" else "cpp"
         lay = projection.layout
         self.layout = lay
         self.rows = rows_per_program or default_rows_per_program(self.module, lay.n, lay.bits, device)
         # Which CPU kernel runs (the rule is the extension's own: CPU, n and program alignment).
-        self.vectorized = bool(vectorized and device.type == "cpu"
+        self.vectorized = bool(vectorized and kind == "cpu"
                                and self.module.cpu_vector_kernel_fits(lay.n, lay.bits, self.rows))
         table = BlockTable(lay.sizes, self.rows, device)
         self.tables = [
@@ -98,12 +236,13 @@ class ExtensionEngine:
             torch.tensor(lay.sizes, dtype=torch.int64, device=device), table.prog_layer, table.prog_row,
             table.layer_prog, projection.scale.to(device).contiguous(), projection.zero.to(device).contiguous(),
         ]
+        self._cpu_args = (self.vectorized,) if kind == "cpu" else ()
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         return self.module.project(self.tables, self.rows, self.layout.n, self.layout.bits, grad,
-                                   self.layout.numel, self.vectorized)
+                                   self.layout.numel, *self._cpu_args)
 
     def expand(self, weights: torch.Tensor, delta: torch.Tensor,
                compensation: torch.Tensor | None = None) -> None:
         self.module.expand(self.tables, self.rows, self.layout.n, self.layout.bits, weights, compensation,
-                           delta.to(torch.float32).contiguous(), self.layout.numel, self.vectorized)
+                           delta.to(torch.float32).contiguous(), self.layout.numel, *self._cpu_args)

@@ -171,7 +171,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             buf.zero_()
             self._engine.expand(buf, delta)
             self._comm.all_reduce(buf)
-            from ..backends.torch_ref import apply_update
+            from ..backends.numerics import apply_update
 
             apply_update(self._flat.data, buf, self._compensation)
             return
@@ -255,23 +255,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def _project(self, grad) -> torch.Tensor:
         """c = P̃ᵀ ḡ with ḡ the mean of the ranks' local gradients (this rank's columns of c)."""
-        from torch.distributed import ReduceOp
-
         mode = None if self._shard is None else self._shard.mode
         if mode == "replicate":  # P̃ᵀ is linear: average the n·L projections, not the D gradients
             c = self._engine.project(grad)
-            self._comm.all_reduce(c, ReduceOp.AVG)
+            self._comm.all_reduce_mean(c)
             return c
         if mode == "rows":
             s = self._shard
             chunk = s.padded_numel // s.world_size
             mine = torch.empty(chunk, dtype=grad.dtype, device=grad.device)
-            self._comm.reduce_scatter(mine, self._flat.padded_grad, ReduceOp.AVG)
+            self._comm.reduce_scatter_mean(mine, self._flat.padded_grad)
             c = self._engine.project(mine[: s.row_stop - s.row_start])
             self._comm.all_reduce(c)
             return c
         if mode == "columns":
-            self._comm.all_reduce(grad, ReduceOp.AVG)
+            self._comm.all_reduce_mean(grad)
         return self._engine.project(grad)
 
     def _keep_if_finite(self, finite, new, old):
