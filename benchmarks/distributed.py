@@ -1,6 +1,7 @@
 """Communication and memory of the distributed modes at ResNet-50 size, beside plain DDP SGD.
 
     python -m benchmarks.distributed            # 2 processes; NCCL on 2+ GPUs, else gloo on CPU
+    python -m benchmarks.distributed --model small --n 4 --out-dir DIR   # a smoke test in seconds
 
 Bytes are counted at every collective call (the payload each rank hands to it), over real steps, for
 ``replicate``, ``rows`` and ``columns`` (ResNet-50, D = 25,557,032, n = 60, 4 bits) and for DDP SGD
@@ -11,32 +12,37 @@ what moves and what is held does not depend on what P̃ contains.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import twa_kernels as twa
 from benchmarks.common import announce_backends, environment, markdown_table, save
+from benchmarks.models import ResNet, small_resnet
+from twa_kernels.distributed import ring_wire_bytes
+from twa_kernels.testing import synthetic_subspace
 
 MODES = ("replicate", "rows", "columns")
 
 
-def worker(rank, world, init, out, n, bits, steps, backend):
+def make_model(name: str) -> torch.nn.Module:
+    return ResNet() if name == "resnet50" else small_resnet(10)
+
+
+def worker(rank, world, init, out, n, bits, steps, backend, model_name="resnet50"):
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from benchmarks.models import ResNet
-    import twa_kernels as twa
-    from twa_kernels.testing import synthetic_subspace
-
     result = {}
     for mode in MODES:
         torch.manual_seed(0)
-        model = ResNet().to(device)
+        model = make_model(model_name).to(device)
         space = synthetic_subspace(model, n, bits, shard=mode)
         opt = twa.ProjectedSGD(model.parameters(), space, lr=0.1, momentum=0.9)
         start = opt.comm_bytes  # construction all-gathers w̄ once (rows); count the steps only
@@ -48,16 +54,13 @@ def worker(rank, world, init, out, n, bits, steps, backend):
                         "p_bytes": space.nbytes, "backend": opt.backend}
         del opt, space, model
     # Plain data-parallel SGD: DDP's gradient all-reduce, counted by a hook around it.
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     counted = {"bytes": 0}
 
     def counting_allreduce(state, bucket):
         counted["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
         return allreduce_hook(None, bucket)
 
-    model = DDP(ResNet().to(device), device_ids=[rank] if device.type == "cuda" else None)
+    model = DDP(make_model(model_name).to(device), device_ids=[rank] if device.type == "cuda" else None)
     model.register_comm_hook(None, counting_allreduce)
     x = torch.randn(2, 3, 64, 64, device=device)
     for _ in range(steps):
@@ -73,19 +76,17 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--model", choices=["resnet50", "small"], default="resnet50")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     backend = "nccl" if torch.cuda.device_count() >= args.world else "gloo"
     announce_backends(torch.device("cuda" if backend == "nccl" else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(args.world, os.path.join(tmp, "init"), tmp, args.n, args.bits, args.steps,
-                                         backend), nprocs=args.world, join=True, start_method="spawn")
+                                         backend, args.model), nprocs=args.world, join=True, start_method="spawn")
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(args.world)]
     device = torch.device("cuda" if backend == "nccl" else "cpu")
     env = environment(device)
-    ddp = results[0]["ddp_sgd"]["bytes_per_step"]["all_reduce"]
-    from twa_kernels.distributed import ring_wire_bytes
-
     def wire(per):  # each rank's link under ring algorithms, from the counted payloads
         return ring_wire_bytes(per, args.world)
 
@@ -99,7 +100,7 @@ def main(argv=None):
                      f"{total / 2**20:.2f}", f"{wire(per) / 2**20:.2f}", f"{wire(per) / ddp_wire:.4f}",
                      f"{max(pbytes) / 2**20:.1f}"])
     md = (f"Distributed TWA, {args.world} processes over {backend} ({'GPUs' if backend == 'nccl' else 'CPU; no GPU here'}): "
-          f"ResNet-50 (D = 25,557,032), n = {args.n}, {args.bits}-bit; bytes each rank hands to collectives per "
+          f"{'ResNet-50 (D = 25,557,032)' if args.model == 'resnet50' else 'small ResNet'}, n = {args.n}, {args.bits}-bit; bytes each rank hands to collectives per "
           f"step, counted at every call; commit {str(env['commit'])[:10]}, {env['date']}\n\n"
           + markdown_table(["mode", "per step (payload of rank 0, counted)", "payload MiB/step",
                             "ring wire MiB/step (derived)", "wire vs DDP SGD", "P̃ MiB on the largest rank"], rows))

@@ -12,6 +12,7 @@ under benchmarks/results/ (``--out-dir`` to change).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -23,12 +24,14 @@ from twa_kernels.backends.torch_ref import TorchEngine
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
 
 
-def candidates(proj, device):
+def candidates(proj, device, dry_run=False):
+    """The variants timed; a dry run (interpreter) takes one small one, since it only checks the script."""
     from twa_kernels.backends.triton_kernels import TritonEngine
 
     out = []
-    for tile, warps, tiles in [(4096, 4, 16), (4096, 4, 32), (4096, 4, 64), (8192, 4, 32), (8192, 8, 32),
-                               (2048, 4, 64), (16384, 8, 16)]:
+    shapes = [(256, 4, 2)] if dry_run else [(4096, 4, 16), (4096, 4, 32), (4096, 4, 64), (8192, 4, 32),
+                                            (8192, 8, 32), (2048, 4, 64), (16384, 8, 16)]
+    for tile, warps, tiles in shapes:
         def make(tile=tile, warps=warps, tiles=tiles):
             return TritonEngine(proj, device, tile_codes=tile, num_warps=warps, tiles_per_program=tiles)
         out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make))
@@ -48,10 +51,16 @@ def main(argv=None):
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--device", default="auto",
+                   help="cuda; cpu only with TRITON_INTERPRET=1, as a dry run of the whole script (no timing "
+                        "it gives means anything)")
     args = p.parse_args(argv)
-    device = pick_device("auto")
-    if device.type != "cuda":
-        raise SystemExit("kernel_variants tunes GPU kernels: it needs a CUDA device")
+    device = pick_device(args.device)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("kernel_variants tunes GPU kernels: it needs a CUDA device (or, for a dry run on the CPU, "
+                         "TRITON_INTERPRET=1 and a small --size)")
+    if device.type != "cuda" and args.size > 100_000:
+        raise SystemExit(f"a dry run in the Triton interpreter takes a small --size (at most 100000, got {args.size})")
     announce_backends(device)
     sizes = layer_sizes_like_a_cnn(args.size)
     proj = random_projection(sizes, args.n, args.bits, device=device)
@@ -64,12 +73,14 @@ def main(argv=None):
     c_ref = ref.project(g)
     w_ref = w0.clone()
     ref.expand(w_ref, delta)
-    copy_bw = copy_bandwidth(device)
+    copy_bw = copy_bandwidth(device, nbytes=1 << 30 if device.type == "cuda" else 1 << 24)
     nbytes = step_bytes(args.size, args.n, args.bits)
     no_move = torch.zeros_like(delta)  # timed expands leave w as it is, at the same cost
     rows = []
     # The dense P is another matrix (same cost, not the same values): no error to report for it.
-    same_p = [(name, make, True) for name, make in [("torch reference", lambda: ref)] + candidates(proj, device)]
+    dry_run = device.type != "cuda"
+    warmup, iters = (0, 1) if dry_run else (3, args.iters)
+    same_p = [(name, make, True) for name, make in [("torch reference", lambda: ref)] + candidates(proj, device, dry_run)]
     dense = ("dense fp32 P (torch matmul, the paper's TWA w/o quantization)",
              lambda: make_engine(random_projection(sizes, args.n, None, device=device), device), False)
     for name, make, comparable in same_p + [dense]:
@@ -80,16 +91,16 @@ def main(argv=None):
         err_c = relative_error(c, c_ref) if comparable else None
         err_w = relative_error(w - w0, w_ref - w0) if comparable else None
         w = w0.clone()
-        t_proj = median(time_fn(lambda: eng.project(g), device, warmup=3, iters=args.iters))
-        t_exp = median(time_fn(lambda: eng.expand(w, no_move), device, warmup=3, iters=args.iters))
-        t_step = median(time_fn(lambda: (eng.project(g), eng.expand(w, no_move)), device, warmup=3,
-                                iters=args.iters))
+        t_proj = median(time_fn(lambda: eng.project(g), device, warmup=warmup, iters=iters))
+        t_exp = median(time_fn(lambda: eng.expand(w, no_move), device, warmup=warmup, iters=iters))
+        t_step = median(time_fn(lambda: (eng.project(g), eng.expand(w, no_move)), device, warmup=warmup,
+                                iters=iters))
         rows.append({"variant": name, "project_s": t_proj, "expand_s": t_exp, "step_s": t_step,
                      "frac_copy": nbytes / t_step / copy_bw, "rel_err_c": err_c, "rel_err_dw": err_w})
         print(rows[-1], flush=True)
         del eng
     payload = {"copy_GBps": copy_bw / 1e9, "bytes": nbytes, "shape": {"D": args.size, "n": args.n, "bits": args.bits},
-               "rows": rows}
+               "rows": rows, "dry_run": dry_run}
     md = render(environment(device), payload)
     print(md)
     save(f"kernel_variants_n{args.n}_b{args.bits}", device, payload, md, out_dir=args.out_dir)
@@ -110,7 +121,8 @@ def render(env, payload):
             f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:10]}, {env['date']}; "
             f"copy bandwidth {payload['copy_GBps']:.0f} GB/s (same run); {payload['bytes'] / 1e9:.2f} GB per step "
             "(P̃ twice, g, w in and out); errors are relative to the torch reference on the same inputs\n\n"
-            + markdown_table(header, table))
+            + ("**Dry run in the Triton interpreter on a CPU: the timings mean nothing.**\n\n"
+               if payload.get("dry_run") else "") + markdown_table(header, table))
 
 
 if __name__ == "__main__":

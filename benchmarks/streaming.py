@@ -2,6 +2,7 @@
 B-bit subspace chunk by chunk.
 
     python -m benchmarks.streaming --dir /tmp/twa_stream      # 60 × GPT-2-small (124M) = 30 GB on disk
+    python -m benchmarks.streaming --model tiny --n 4 --dir DIR --out-dir DIR   # a smoke test in seconds
 
 Writes the checkpoints as .safetensors (a random walk from a random start; the cost does not depend on
 their content), then builds the subspace in a fresh process and reports wall time and that
@@ -45,6 +46,9 @@ class GPT2Shapes(nn.Module):
         self.ln_f = nn.LayerNorm(d)
 
 
+SHAPES = {"gpt2": {}, "tiny": dict(vocab=1000, ctx=64, d=64, layers=2)}
+
+
 def write_checkpoints(model, n, directory):
     from safetensors.torch import save_file
 
@@ -69,7 +73,7 @@ def _rss_anon() -> int:
     return 0
 
 
-def build_worker(paths, bits, out):
+def build_worker(paths, bits, out, model_name="gpt2"):
     """Peak RSS counts the pages of the memory-mapped checkpoint files that were read (clean, and
     given back by the kernel under pressure); peak anonymous memory is what construction allocates."""
     import resource
@@ -86,7 +90,7 @@ def build_worker(paths, bits, out):
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    model = GPT2Shapes()
+    model = GPT2Shapes(**SHAPES[model_name])
     t0 = time.perf_counter()
     space = twa.Subspace.from_checkpoints(model, paths, bits=bits, progress=True)
     elapsed = time.perf_counter() - t0
@@ -104,16 +108,17 @@ def main(argv=None):
     p.add_argument("--dir", default="/tmp/twa_stream")
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--model", choices=sorted(SHAPES), default="gpt2", help="tiny: a smoke test")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--reuse", action="store_true", help="use checkpoint files already in --dir")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        build_worker(args.worker[:-1], args.bits, args.worker[-1])
+        build_worker(args.worker[:-1], args.bits, args.worker[-1], args.model)
         return
     announce_backends(torch.device("cpu"))
-    model = GPT2Shapes()
+    model = GPT2Shapes(**SHAPES[args.model])
     numel = sum(p.numel() for p in model.parameters())
     existing = [os.path.join(args.dir, f"ckpt_{i:03d}.safetensors") for i in range(args.n)]
     if args.reuse and all(os.path.exists(x) for x in existing):
@@ -124,7 +129,7 @@ def main(argv=None):
     out = os.path.join(args.dir, "subspace.safetensors")
     try:
         res = subprocess.run([sys.executable, "-m", "benchmarks.streaming", "--bits", str(args.bits),
-                              "--worker", *paths, out], capture_output=True, text=True,
+                              "--model", args.model, "--worker", *paths, out], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-3000:])

@@ -42,7 +42,7 @@ def train(model, space, opt_name, data, rank=0, world=1):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        betas.append(opt.beta)
+        betas.append(opt.gather_beta())
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return betas, weights, opt
 
@@ -105,7 +105,7 @@ def worker(rank, world, init_file, out_dir, scenario):
             space.save(path)
             back = twa.Subspace.load(path)
             result["same"] = back.fingerprint == space.fingerprint and torch.equal(
-                back.projection.words, space.projection.words) and back.shard == space.shard
+                back.projection.words, space.projection.words) and back.placement == space.placement
             m = make_model(d_in=5, hidden=7, d_out=3)
             _, _, opt = train(m, back, "sgd", data[:2], rank, world)
             sd = opt.state_dict()

@@ -1,6 +1,7 @@
 """The benchmark scripts and the README's quickstart run end to end (tiny sizes; results to tmp)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +63,48 @@ def test_quality_smoke(tmp_path):
     assert len(list(tmp_path.glob("quality_*_alphas.png"))) == 1
 
 
+def test_table13_quick_records_the_backends(tmp_path):
+    out = run("-m", "benchmarks.table13", "--quick", "--out-dir", str(tmp_path))
+    assert out.startswith("cpu: backend ")  # which backend runs, said before any work
+    data = json.loads((tmp_path / "table13_cpu.json").read_text())
+    assert [r["gpus"] for r in data["rows"]] == [1, 1, 1]
+    report = data["environment"]["backends"]
+    chosen = [r["name"] for r in report if r["chosen"]]
+    assert len(chosen) == 1 and next(r for r in data["rows"] if r["config"] == "twa_4bit")["backend"] == chosen[0]
+
+
+def test_distributed_smoke(tmp_path):
+    out = run("-m", "benchmarks.distributed", "--model", "small", "--n", "4", "--out-dir", str(tmp_path))
+    assert "wire vs DDP SGD" in out
+    data = json.loads(next(tmp_path.glob("distributed_*.json")).read_text())
+    assert len(data["ranks"]) == 2
+    for rank in data["ranks"]:
+        assert set(rank) == {"ddp_sgd", "replicate", "rows", "columns"}
+        # replicate sends n·L numbers per step where DDP sends D: far less
+        assert sum(rank["replicate"]["bytes_per_step"].values()) < sum(rank["ddp_sgd"]["bytes_per_step"].values()) / 10
+
+
+def test_streaming_smoke(tmp_path):
+    out = run("-m", "benchmarks.streaming", "--model", "tiny", "--n", "3", "--dir", str(tmp_path / "ckpts"),
+              "--out-dir", str(tmp_path / "out"))
+    assert "Streaming construction" in out and not (tmp_path / "ckpts").exists()  # checkpoints removed
+    data = json.loads(next((tmp_path / "out").glob("streaming_*.json")).read_text())
+    assert data["environment"]["backends"]
+
+
+@pytest.mark.skipif(pytest.importorskip("triton") is None, reason="triton missing")
+def test_kernel_variants_dry_run_in_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_variants", "--device", "cpu", "--size", "3000",
+                          "--n", "5", "--iters", "1", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("kernel_variants_*.json")).read_text())
+    assert data["dry_run"] and "timings mean nothing" in out.stdout
+    triton_rows = [r for r in data["rows"] if r["variant"].startswith("triton")]
+    assert triton_rows and all(r["rel_err_c"] < 1e-5 and r["rel_err_dw"] < 1e-5 for r in triton_rows)
+
+
 def test_readme_quickstart_runs():
     text = (ROOT / "README.md").read_text()
     code = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
@@ -99,8 +142,12 @@ def test_kernel_variants_table_renders_from_its_json():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_kernel_variants_needs_a_gpu():
-    from benchmarks.kernel_variants import main
-
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
-        main([])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_kernel_variants_needs_a_gpu_or_a_small_dry_run():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_variants"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode != 0 and "needs a CUDA device" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_variants", "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=dict(env, TRITON_INTERPRET="1"))
+    assert out.returncode != 0 and "small --size" in out.stderr

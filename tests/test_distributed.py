@@ -109,11 +109,27 @@ def test_sharding_needs_an_initialised_group():
 
 
 def test_columns_needs_a_column_per_rank():
-    from twa_kernels.distributed import Shard
+    from twa_kernels.placement import plan
 
     with pytest.raises(ValueError, match="at least one column per rank"):
-        Shard.plan("columns", 100, 2, 3, 0)
-    plans = [Shard.plan("columns", 100, 5, 3, r) for r in range(3)]
+        plan("columns", 100, 2, 3, 0)
+    plans = [plan("columns", 100, 5, 3, r) for r in range(3)]
     assert [(p.col_start, p.col_stop) for p in plans] == [(0, 2), (2, 4), (4, 5)]
-    rows = [Shard.plan("rows", 10, 5, 3, r) for r in range(3)]
+    assert [p.column_slice(5) for p in plans] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    rows = [plan("rows", 10, 5, 3, r) for r in range(3)]
     assert [(p.row_start, p.row_stop) for p in rows] == [(0, 4), (4, 8), (8, 10)]
+    # a layer of 3 rows cut by rank 1 of 3 over 10 rows: sizes (3, 5, 2) -> its rows 4..8
+    assert rows[1].layer_ranges((3, 5, 2)) == [(3, 3), (1, 5), (0, 0)]
+
+
+def test_placements_round_trip_through_their_file_record():
+    from twa_kernels.placement import Placement, from_dict, plan
+
+    for mode in ("replicate", "rows", "columns"):
+        p = plan(mode, 10, 5, 3, 2)
+        assert from_dict(p.to_dict()) == p and p.state_tag() == {"mode": mode, "world_size": 3, "rank": 2}
+    assert from_dict(None) == Placement() and Placement().state_tag() is None
+    # files of the first format named the row padding padded_numel
+    old = {"mode": "rows", "world_size": 2, "rank": 1, "row_start": 5, "row_stop": 10, "padded_numel": 10,
+           "col_start": 0, "col_stop": 0}
+    assert from_dict(old) == plan("rows", 10, 5, 2, 1)

@@ -1,7 +1,8 @@
 """Distributed TWA over torch.distributed (NCCL for CUDA tensors, gloo for CPU tensors).
 
 Three ways to spread the work over k ranks (docs/DESIGN.md, section 3), chosen when the subspace is built
-(``Subspace.from_checkpoints(..., shard=mode, process_group=pg)``); the optimizers follow the subspace:
+(``Subspace.from_checkpoints(..., shard=mode, process_group=pg)``); the optimizers follow the subspace,
+and each mode is a placement class in :mod:`twa_kernels.placement`:
 
 =============  ==========================================  ===============================================
 mode           what rank r holds                           communication per step
@@ -23,112 +24,17 @@ buffers). Every collective goes through :class:`Communicator`, which counts the 
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-SHARD_MODES = ("replicate", "rows", "columns")
+from .placement import SHARD_MODES  # noqa: F401  (the modes' names, where users look for them)
+
+
 # torch >= 2.13 names them *_single; older releases only have the *_tensor spelling.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which part of the subspace this rank holds."""
-
-    mode: str
-    world_size: int
-    rank: int
-    row_start: int = 0  # rows: this rank's range of the flat parameter vector
-    row_stop: int = 0
-    padded_numel: int = 0  # rows: k · ⌈D / k⌉, the length reduce-scatter and all-gather need
-    col_start: int = 0  # columns: this rank's columns
-    col_stop: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def plan(cls, mode: str, numel: int, n: int, world_size: int, rank: int) -> "Shard":
-        if mode not in SHARD_MODES:
-            raise ValueError(f"unknown shard mode {mode!r}: choose one of {', '.join(SHARD_MODES)}")
-        if mode == "rows":
-            chunk = math.ceil(numel / world_size)
-            lo = min(numel, rank * chunk)
-            return cls(mode, world_size, rank, lo, min(numel, lo + chunk), chunk * world_size)
-        if mode == "columns":
-            if n < world_size:
-                raise ValueError(f"shard='columns' needs at least one column per rank: n = {n} < "
-                                 f"{world_size} ranks (use 'rows' or 'replicate')")
-            per = math.ceil(n / world_size)
-            lo = min(n, rank * per)
-            return cls(mode, world_size, rank, col_start=lo, col_stop=min(n, lo + per))
-        return cls(mode, world_size, rank)
-
-
-def local_ranges(sizes, shard: "Shard | None") -> list[tuple[int, int]]:
-    """This rank's element range [a, b) in each layer: all of it unless row-sharded."""
-    out, start = [], 0
-    for size in sizes:
-        if shard is not None and shard.mode == "rows":
-            a = min(max(shard.row_start - start, 0), size)
-            b = min(max(shard.row_stop - start, 0), size)
-            out.append((a, max(a, b)))
-        else:
-            out.append((0, size))
-        start += size
-    return out
-
-
-def group_or_world(process_group):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("a sharded subspace needs torch.distributed to be initialised "
-                           "(torch.distributed.init_process_group, or launch with torchrun)")
-    return process_group if process_group is not None else dist.group.WORLD
-
-
-def collective_device(process_group) -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
-    if dist.get_backend(process_group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def check_backend_runs(process_group, device: torch.device, mode: str) -> None:
-    """Raise the same clear error on every rank when the group's backend cannot run this mode."""
-    backend = dist.get_backend(process_group)
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError(f"shard mode {mode!r}: the process group uses NCCL, which cannot reduce "
-                         f"{device.type} tensors; use a gloo group for CPU parameters")
-    if backend == "gloo" and device.type == "cuda" and mode in ("rows", "columns"):
-        raise ValueError(f"shard mode {mode!r}: gloo cannot reduce-scatter / all-gather CUDA tensors "
-                         "efficiently; use an NCCL group for CUDA parameters")
-
-
-def same_on_all_ranks(value: str, process_group, what: str) -> None:
-    """Compare a string across ranks; every rank raises the same error if any differs."""
-    values = [None] * dist.get_world_size(process_group)
-    dist.all_gather_object(values, value, group=process_group)
-    if len(set(values)) != 1:
-        shown = ", ".join(f"rank {r}: {v[:12]}" for r, v in enumerate(values))
-        raise ValueError(f"ranks disagree on {what} ({shown}); every rank must be given the same "
-                         "checkpoints and options")
-
-
-def probe_checkpoints(ckpts, names, shapes) -> str:
-    """A cheap content hash of a checkpoint set: the first and last row of every tensor of every
-    checkpoint. Ranks given different checkpoints differ here before any work is done."""
-    h = hashlib.sha256()
-    for nm, shape in zip(names, shapes):
-        rows = shape[0] if shape else 1
-        for r0 in sorted({0, rows - 1}):
-            h.update(ckpts.rows(nm, r0, r0 + 1).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Communicator:

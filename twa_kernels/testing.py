@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .packing import LayerLayout, PackedProjection, pack_codes
+from .placement import group_or_world, plan
+from .subspace import Subspace
 
 
 def random_projection(sizes, n: int, bits: int | None, seed: int = 0, dyadic: bool = False,
@@ -70,3 +72,37 @@ def layer_sizes_like_a_cnn(total: int, num_layers: int = 161) -> tuple[int, ...]
     sizes = tuple(int(x) for x in big_sizes + small_sizes)
     assert sum(sizes) == total and min(sizes) >= 1
     return sizes
+
+
+def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: str | None = None,
+                       process_group=None, seed: int = 0) -> Subspace:
+    """A subspace of ``model``'s shape with random codes and no checkpoints behind it, for cost benchmarks
+    (time, memory and communication do not depend on what P̃ holds). With ``shard`` it is this rank's
+    part, as :meth:`Subspace.from_checkpoints` would build it; every rank agrees on the scales and zeros.
+    The centre is the model's current weights, so the optimizer starts where the model is."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    sizes = tuple(p.numel() for _, p in named)
+    world, rank, group = 1, 0, None
+    if shard is not None:
+        import torch.distributed as dist
+
+        group = group_or_world(process_group)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+    placement = plan(shard, sum(sizes), n, world, rank)
+    ranges = placement.layer_ranges(sizes)
+    cols = placement.column_slice(n)
+    local = random_projection(tuple(b - a for a, b in ranges), cols.stop - cols.start, bits, seed=seed + 1 + rank)
+    if bits is None:  # a dense P has no affine parameters
+        scale = zero = torch.zeros(len(sizes), n)
+    else:
+        gen = torch.Generator().manual_seed(seed)  # the same on every rank
+        scale = torch.rand(len(sizes), n, generator=gen) * 0.01
+        zero = -scale * ((1 << bits) - 1) / 2
+        local = PackedProjection(local.layout, scale[:, cols].contiguous(), zero[:, cols].contiguous(), local.words)
+    flat = torch.cat([p.detach().reshape(-1).float().cpu() for _, p in named])
+    center = torch.cat([flat[sum(sizes[:l]) + a: sum(sizes[:l]) + b] for l, (a, b) in enumerate(ranges)])
+    return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
+                    decouple_mode="center", scale_mode="layer", center=center, projection=local,
+                    col_norms=torch.ones(len(sizes), n, dtype=torch.float64), transform=None,
+                    frozen=torch.zeros(len(sizes), dtype=torch.bool), layer_sizes=sizes, global_scale=scale,
+                    global_zero=zero, placement=placement, process_group=group)

@@ -22,26 +22,16 @@ class ProjectedAdamW(ProjectedOptimizer):
                         amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite)
 
-    def _rule(self, group, rows, c, finite):
+    def _rule(self, group, rows, c):
         b1, b2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
         g = -c[rows] if group["maximize"] else c[rows]
-        beta = self._beta[rows]
-        m_old = self._buffers["exp_avg"][rows]
-        v_old = self._buffers["exp_avg_sq"][rows]
-        m = m_old.lerp(g, 1 - b1)
-        v = v_old * b2 + (1 - b2) * g * g
-        step = self._step
-        bias1 = 1 - b1 ** step
-        bias2_sqrt = (1 - b2 ** step).sqrt()
+        m = self._buffers["exp_avg"][rows].lerp(g, 1 - b1)
+        v = self._buffers["exp_avg_sq"][rows] * b2 + (1 - b2) * g * g
+        out = {"exp_avg": m, "exp_avg_sq": v}
+        bias1 = 1 - b1 ** self._step
+        bias2_sqrt = (1 - b2 ** self._step).sqrt()
         if group["amsgrad"]:
-            vmax_old = self._buffers["max_exp_avg_sq"][rows]
-            vmax = torch.maximum(vmax_old, v)
-            self._buffers["max_exp_avg_sq"][rows] = self._keep_if_finite(finite, vmax, vmax_old)
-            denom = vmax.sqrt() / bias2_sqrt + eps
-        else:
-            denom = v.sqrt() / bias2_sqrt + eps
-        new = beta * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / denom
-        self._buffers["exp_avg"][rows] = self._keep_if_finite(finite, m, m_old)
-        self._buffers["exp_avg_sq"][rows] = self._keep_if_finite(finite, v, v_old)
-        self._beta[rows] = self._keep_if_finite(finite, new, beta)
+            out["max_exp_avg_sq"] = v = torch.maximum(self._buffers["max_exp_avg_sq"][rows], v)
+        out["beta"] = self._beta[rows] * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
+        return out

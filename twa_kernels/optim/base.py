@@ -64,11 +64,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if ordered[0].dtype not in _FLOAT_DTYPES:
             raise ValueError(f"unsupported parameter dtype {ordered[0].dtype}")
         device = ordered[0].device
-        shard = space.shard
-        if shard is not None:
-            from ..distributed import check_backend_runs
-
-            check_backend_runs(space.process_group, device, shard.mode)
+        placement = space.placement
+        placement.check_backend(space.process_group, device)
         engine = make_engine(space.projection, device, backend, dtype=ordered[0].dtype)
 
         super().__init__(params, defaults)
@@ -77,13 +74,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.backend = engine.name
         self._engine = engine
         self._nonfinite = nonfinite
-        self._shard = shard
-        self._comm = None
-        if shard is not None:
-            from ..distributed import Communicator
-
-            self._comm = Communicator(space.process_group)
-        self._flat = FlatParameters(ordered, shard.padded_numel if shard is not None else 0)
+        self._placement = placement
+        self._comm = placement.communicator(space.process_group)
+        self._flat = FlatParameters(ordered, placement.padded_numel(sum(p.numel() for p in ordered)))
         acc = torch.float64 if ordered[0].dtype == torch.float64 else torch.float32
         # β of the columns this rank holds (all of them unless column-sharded)
         shape = (space.num_layers, space.projection.layout.n)
@@ -94,17 +87,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         # Kahan residue of the rounded weights (of this rank's rows when row-sharded). bf16 for fp16
         # weights too: the residue of a small fp16 weight lies in fp16's subnormal range, while bf16
         # has fp32's exponent range.
-        self._compensation = (torch.zeros(self._owned_weights().numel(), dtype=torch.bfloat16, device=device)
+        self._compensation = (torch.zeros(placement.owned(self._flat).numel(), dtype=torch.bfloat16, device=device)
                               if low_precision else None)
-        # column-sharded: the projected update Σ_r P̃_r Δβ_r is summed over ranks at the precision
-        # the update is computed in (fp32, fp64 for float64 models)
-        self._update_buffer = (torch.zeros(self._flat.numel, dtype=acc, device=device)
-                               if shard is not None and shard.mode == "columns" else None)
+        self._update_buffer = placement.update_buffer(self._flat.numel, acc, device)
         beta0 = None
         if init == "last":
             onehot = torch.zeros(space.n, dtype=torch.float64)
             onehot[-1] = 1.0
-            beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, self._columns()]
+            beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, placement.column_slice(space.n)]
         self._place(beta0)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -141,7 +131,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         position = {id(p): i for i, p in enumerate(ordered)}
         if len(self.param_groups) == 1:
             return [slice(None)]
-        if space.layers == "model":
+        if space.layers_mode == "model":
             raise ValueError("layers='model' has one β for the whole model: use a single param group")
         rows = []
         for group in self.param_groups:
@@ -152,45 +142,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 rows.append(torch.tensor(idx, dtype=torch.long, device=ordered[0].device))
         return rows
 
-    def _columns(self) -> slice:
-        s = self._shard
-        return slice(s.col_start, s.col_stop) if s is not None and s.mode == "columns" else slice(None)
-
-    def _owned_weights(self) -> torch.Tensor:
-        """The weights this rank updates: its rows when row-sharded, else all of them."""
-        s = self._shard
-        if s is not None and s.mode == "rows":
-            return self._flat.data[s.row_start:s.row_stop]
-        return self._flat.data
-
     def _apply_delta(self, delta) -> None:
-        """weights += P̃ Δβ, with whatever communication the shard mode needs."""
-        mode = None if self._shard is None else self._shard.mode
-        if mode == "columns":
-            buf = self._update_buffer
-            buf.zero_()
-            self._engine.expand(buf, delta)
-            self._comm.all_reduce(buf)
-            from ..backends.numerics import apply_update
-
-            apply_update(self._flat.data, buf, self._compensation)
-            return
-        self._engine.expand(self._owned_weights(), delta, self._compensation)
-        if mode == "rows":
-            s = self._shard
-            chunk = s.padded_numel // s.world_size
-            mine = self._flat.padded_data[s.rank * chunk:(s.rank + 1) * chunk].clone()
-            self._comm.all_gather(self._flat.padded_data, mine)
+        """weights += P̃ Δβ, with whatever communication the placement needs."""
+        self._placement.apply(self._engine, self._flat, delta, self._compensation, self._comm,
+                              self._update_buffer)
 
     def _place(self, beta) -> None:
         """weights = w̄ + P̃ β (β = 0 when None), compensation set so bf16 weights carry w̄ exactly."""
-        owned = self._owned_weights()
+        owned = self._placement.owned(self._flat)
         center = self.space.center.to(owned.device)
         owned.copy_(center)
         if self._compensation is not None:
             self._compensation.copy_(center - owned.float())
-        if self._shard is not None and self._shard.mode == "rows":
-            self._apply_delta(torch.zeros_like(self._beta))  # all-gather w̄ to every rank
+        self._placement.synchronize(self._flat, self._comm)
         if beta is not None:
             self._apply_delta(beta)
             self._beta.copy_(beta)
@@ -198,20 +162,17 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ public API
     @property
     def beta(self) -> torch.Tensor:
-        """[L, n] coefficients (a copy; gathered from every rank when column-sharded)."""
-        s = self._shard
-        if s is None or s.mode != "columns":
-            return self._beta.detach().clone()
-        import torch.distributed as dist
+        """[L, n] coefficients (a copy). Where the columns are split over ranks each holds only its own:
+        call :meth:`gather_beta` on every rank instead (a collective)."""
+        if self._beta.shape[1] != self.space.n:
+            raise RuntimeError(f"this rank holds columns {self._placement.column_slice(self.space.n)} of β "
+                               "only: call opt.gather_beta() on every rank to get all of them")
+        return self._beta.detach().clone()
 
-        per = -(-self.space.n // s.world_size)
-        mine = torch.zeros(self._beta.shape[0], per, dtype=self._beta.dtype, device=self._beta.device)
-        mine[:, : self._beta.shape[1]] = self._beta
-        parts = [torch.empty_like(mine) for _ in range(s.world_size)]
-        dist.all_gather(parts, mine, group=self.space.process_group)
-        full = torch.cat(parts, dim=1)
-        return torch.cat([full[:, r * per: r * per + min(per, self.space.n - r * per)]
-                          for r in range(s.world_size)], dim=1)
+    def gather_beta(self) -> torch.Tensor:
+        """[L, n] coefficients of every column, on every rank. Where the columns are split over ranks
+        this is a collective: every rank of the group must call it."""
+        return self._placement.gather_beta(self._beta, self.space.n, self.space.process_group)
 
     @property
     def comm_bytes(self) -> dict:
@@ -219,8 +180,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return {} if self._comm is None else dict(self._comm.payload)
 
     def alphas(self) -> torch.Tensor:
-        """[L, n] averaging weights of the current point (see :meth:`Subspace.alphas`)."""
-        return self.space.alphas(self.beta)
+        """[L, n] averaging weights of the current point (see :meth:`Subspace.alphas`); a collective
+        where the columns are split over ranks, like :meth:`gather_beta`."""
+        return self.space.alphas(self.gather_beta())
 
     def sync_weights(self) -> None:
         """Set the weights to exactly w̄ + P̃β (e.g. after loading only the optimizer's state)."""
@@ -236,7 +198,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        c = self._project(self._flat.gathered_grad())
+        c = self._placement.project(self._engine, self._flat, self._comm)
         finite = torch.isfinite(c).all()
         if self._nonfinite == "raise":
             if not bool(finite):
@@ -249,33 +211,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         old = self._beta.clone()
         self._step += 1 if finite is None else finite.to(self._step.dtype)
         for group, rows in zip(self.param_groups, self._group_rows):
-            self._rule(group, rows, c, finite)
+            for name, new in self._rule(group, rows, c).items():
+                # one guard for β and every buffer: a skipped step (nonfinite="skip") changes nothing
+                target = self._beta if name == "beta" else self._buffers[name]
+                target[rows] = new if finite is None else torch.where(finite, new, target[rows])
         self._apply_delta(self._beta - old)
         return loss
 
-    def _project(self, grad) -> torch.Tensor:
-        """c = P̃ᵀ ḡ with ḡ the mean of the ranks' local gradients (this rank's columns of c)."""
-        mode = None if self._shard is None else self._shard.mode
-        if mode == "replicate":  # P̃ᵀ is linear: average the n·L projections, not the D gradients
-            c = self._engine.project(grad)
-            self._comm.all_reduce_mean(c)
-            return c
-        if mode == "rows":
-            s = self._shard
-            chunk = s.padded_numel // s.world_size
-            mine = torch.empty(chunk, dtype=grad.dtype, device=grad.device)
-            self._comm.reduce_scatter_mean(mine, self._flat.padded_grad)
-            c = self._engine.project(mine[: s.row_stop - s.row_start])
-            self._comm.all_reduce(c)
-            return c
-        if mode == "columns":
-            self._comm.all_reduce_mean(grad)
-        return self._engine.project(grad)
-
-    def _keep_if_finite(self, finite, new, old):
-        return new if finite is None else torch.where(finite, new, old)
-
-    def _rule(self, group, rows, c, finite):  # pragma: no cover - abstract
+    def _rule(self, group, rows, c) -> dict:  # pragma: no cover - abstract
+        """The new values of β (key "beta") and of the buffers that change, for the layers ``rows``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -288,7 +232,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             "step": self._step.clone(),
             "buffers": {k: v.clone() for k, v in self._buffers.items()},
             "compensation": None if self._compensation is None else self._compensation.clone(),
-            "shard": None if self._shard is None else {k: self._shard.to_dict()[k] for k in ("mode", "world_size", "rank")},
+            "shard": self._placement.state_tag(),
         }
         return sd
 
@@ -302,7 +246,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "state_dict comes from a different subspace (fingerprint "
                 f"{twa.get('fingerprint')}, this optimizer's is {self.space.fingerprint})")
-        here = None if self._shard is None else {k: self._shard.to_dict()[k] for k in ("mode", "world_size", "rank")}
+        here = self._placement.state_tag()
         if twa.get("shard") != here:
             def describe(x):
                 return "one process" if x is None else f"rank {x['rank']} of {x['world_size']} ({x['mode']})"

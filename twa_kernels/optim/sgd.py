@@ -28,17 +28,17 @@ class ProjectedSGD(ProjectedOptimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite)
 
-    def _rule(self, group, rows, c, finite):
+    def _rule(self, group, rows, c):
         beta = self._beta[rows]
         d = -c[rows] if group["maximize"] else c[rows]
         if group["weight_decay"]:
             d = d + group["weight_decay"] * beta
         mu = group["momentum"]
+        out = {}
         if mu:
-            buf = self._buffers["momentum_buffer"]
-            old_buf = buf[rows]
-            first = self._step <= 1
-            new_buf = torch.where(first, d, mu * old_buf + (1 - group["dampening"]) * d)
-            buf[rows] = self._keep_if_finite(finite, new_buf, old_buf)
+            old_buf = self._buffers["momentum_buffer"][rows]
+            new_buf = torch.where(self._step <= 1, d, mu * old_buf + (1 - group["dampening"]) * d)
+            out["momentum_buffer"] = new_buf
             d = d + mu * new_buf if group["nesterov"] else new_buf
-        self._beta[rows] = self._keep_if_finite(finite, beta - group["lr"] * d, beta)
+        out["beta"] = beta - group["lr"] * d
+        return out

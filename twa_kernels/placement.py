@@ -1,0 +1,334 @@
+"""Where a subspace and its optimizer live: one class per way of spreading TWA over ranks.
+
+A placement owns everything that differs between the modes, so that the optimizer's ``step()`` and
+the subspace builder never branch on a mode:
+
+* which part of P̃ this rank holds (:meth:`Placement.layer_ranges`, :meth:`Placement.column_slice`) and
+  which weights it updates (:meth:`Placement.owned`);
+* how c = P̃ᵀḡ is obtained from each rank's local gradient (:meth:`Placement.project`) and how
+  w += P̃Δβ is applied and made consistent across ranks (:meth:`Placement.apply`);
+* how construction statistics are combined (:meth:`Placement.reduce`, :meth:`Placement.share_quantizer`);
+* how its files are named and checked on load (:meth:`Placement.file_path`, :meth:`Placement.check_rank`).
+
+=============  ==========================================  ===============================================
+placement      what rank r holds                           communication per step
+=============  ==========================================  ===============================================
+``Placement``  everything (one process)                    none
+``Replicate``  all of P̃                                    all-reduce of c (n·L numbers)
+``Rows``       every column of P̃ for its 1/k of the rows   reduce-scatter g + all-reduce c + all-gather w
+``Columns``    ⌈n/k⌉ columns of every P̃^l (the paper)     all-reduce g + all-reduce of the update
+=============  ==========================================  ===============================================
+
+A new mode is one more subclass. Gathering β across ranks is an explicit call
+(:meth:`Placement.gather_beta`), never a property, so a logging call on one rank cannot hang.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from .backends.numerics import apply_update
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One process holds all of P̃ and every weight; nothing is communicated."""
+
+    world_size: int = 1
+    rank: int = 0
+    mode: ClassVar[str | None] = None
+
+    # ------------------------------------------------------------------ what this rank holds
+    def layer_ranges(self, sizes) -> list[tuple[int, int]]:
+        """This rank's element range [a, b) in each layer."""
+        return [(0, size) for size in sizes]
+
+    def column_slice(self, n: int) -> slice:
+        return slice(0, n)
+
+    def padded_numel(self, numel: int) -> int:
+        """Length of the flat parameter and gradient buffers (collectives may need equal pieces)."""
+        return numel
+
+    def owned(self, flat) -> torch.Tensor:
+        """The weights this rank updates."""
+        return flat.data
+
+    # ------------------------------------------------------------------ construction
+    def reduce(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
+        """Combine per-rank partial statistics (``op``: "sum", "min" or "max") of a build."""
+        return tensor
+
+    def share_quantizer(self, scale: torch.Tensor, zero: torch.Tensor, group) -> None:
+        """Make every rank's scales and zeros of the whole subspace agree after the build."""
+
+    def check_same(self, value, group, what: str) -> None:
+        """Raise the same error on every rank when ``value()`` (computed only where there are ranks to
+        compare) differs between ranks."""
+
+    # ------------------------------------------------------------------ files and state
+    def to_dict(self) -> dict | None:
+        return None
+
+    def state_tag(self) -> dict | None:
+        """What an optimizer state_dict records of the placement it was saved under."""
+        return None
+
+    def file_path(self, path) -> str:
+        import os
+
+        return os.fspath(path).replace("{rank}", str(self.rank))
+
+    def check_rank(self, path, group) -> None:
+        """Refuse a file saved by another rank or at another world size."""
+
+    def describe(self) -> str:
+        return "one process"
+
+    # ------------------------------------------------------------------ optimizer
+    def communicator(self, group):
+        return None
+
+    def check_backend(self, group, device: torch.device) -> None:
+        """Raise the same clear error on every rank when the group's backend cannot run this mode."""
+
+    def update_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        return None
+
+    def project(self, engine, flat, comm) -> torch.Tensor:
+        """c = P̃ᵀḡ for this rank's columns, ḡ the mean of the ranks' local gradients."""
+        return engine.project(flat.gathered_grad())
+
+    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
+        """w += P̃ Δβ on every rank."""
+        engine.expand(self.owned(flat), delta, compensation)
+
+    def synchronize(self, flat, comm) -> None:
+        """Make every rank's weights equal after this rank wrote its own part (:meth:`owned`)."""
+
+    def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
+        """β of every column, [L, n], from this rank's columns (a collective where columns are split)."""
+        return beta.detach().clone()
+
+
+def group_or_world(process_group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("a sharded subspace needs torch.distributed to be initialised "
+                           "(torch.distributed.init_process_group, or launch with torchrun)")
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def collective_device(process_group) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def same_on_all_ranks(value: str, process_group, what: str) -> None:
+    """Compare a string across ranks; every rank raises the same error if any differs."""
+    values = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(values, value, group=process_group)
+    if len(set(values)) != 1:
+        shown = ", ".join(f"rank {r}: {v[:12]}" for r, v in enumerate(values))
+        raise ValueError(f"ranks disagree on {what} ({shown}); every rank must be given the same "
+                         "checkpoints and options")
+
+
+def _refuse_gloo_for_cuda(mode: str, group, device: torch.device) -> None:
+    if dist.get_backend(group) == "gloo" and device.type == "cuda":
+        raise ValueError(f"shard mode {mode!r}: gloo cannot reduce-scatter / all-gather CUDA tensors "
+                         "efficiently; use an NCCL group for CUDA parameters")
+
+
+@dataclass(frozen=True)
+class _Distributed(Placement):
+    """What every multi-rank placement shares: its record, file checks and communicator."""
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, **asdict(self)}
+
+    def state_tag(self) -> dict:
+        return {"mode": self.mode, "world_size": self.world_size, "rank": self.rank}
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size} ({self.mode})"
+
+    def check_rank(self, path, group) -> None:
+        here = (dist.get_rank(group), dist.get_world_size(group))
+        if here != (self.rank, self.world_size):
+            raise ValueError(f"{path} holds rank {self.rank} of {self.world_size} ({self.mode}); "
+                             f"this process is rank {here[0]} of {here[1]}")
+
+    def check_same(self, value, group, what: str) -> None:
+        same_on_all_ranks(value(), group, what)
+
+    def communicator(self, group):
+        from .distributed import Communicator
+
+        return Communicator(group)
+
+    def check_backend(self, group, device: torch.device) -> None:
+        backend = dist.get_backend(group)
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError(f"shard mode {self.mode!r}: the process group uses NCCL, which cannot reduce "
+                             f"{device.type} tensors; use a gloo group for CPU parameters")
+
+
+@dataclass(frozen=True)
+class Replicate(_Distributed):
+    """Every rank holds all of P̃; P̃ᵀ is linear, so the ranks average n·L projections, not D gradients."""
+
+    mode: ClassVar[str] = "replicate"
+
+    def project(self, engine, flat, comm) -> torch.Tensor:
+        c = engine.project(flat.gathered_grad())
+        comm.all_reduce_mean(c)
+        return c
+
+
+@dataclass(frozen=True)
+class Rows(_Distributed):
+    """Rank r holds every column of P̃ for rows [row_start, row_stop) of the flat parameter vector."""
+
+    row_start: int = 0
+    row_stop: int = 0
+    padded: int = 0  # k · ⌈D / k⌉: reduce-scatter and all-gather need k equal pieces
+    mode: ClassVar[str] = "rows"
+
+    def layer_ranges(self, sizes) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for size in sizes:
+            a = min(max(self.row_start - start, 0), size)
+            b = min(max(self.row_stop - start, 0), size)
+            out.append((a, max(a, b)))
+            start += size
+        return out
+
+    def padded_numel(self, numel: int) -> int:
+        return max(numel, self.padded)
+
+    def owned(self, flat) -> torch.Tensor:
+        return flat.data[self.row_start:self.row_stop]
+
+    def reduce(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
+        t = tensor.to(collective_device(group))
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                        group=group)
+        return t.cpu()
+
+    def check_backend(self, group, device: torch.device) -> None:
+        super().check_backend(group, device)
+        _refuse_gloo_for_cuda(self.mode, group, device)
+
+    def project(self, engine, flat, comm) -> torch.Tensor:
+        grad = flat.gathered_grad()
+        chunk = self.padded // self.world_size
+        mine = torch.empty(chunk, dtype=grad.dtype, device=grad.device)
+        comm.reduce_scatter_mean(mine, flat.padded_grad)
+        c = engine.project(mine[: self.row_stop - self.row_start])
+        comm.all_reduce(c)
+        return c
+
+    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
+        engine.expand(self.owned(flat), delta, compensation)
+        self.synchronize(flat, comm)
+
+    def synchronize(self, flat, comm) -> None:
+        chunk = self.padded // self.world_size
+        mine = flat.padded_data[self.rank * chunk:(self.rank + 1) * chunk].clone()
+        comm.all_gather(flat.padded_data, mine)
+
+
+@dataclass(frozen=True)
+class Columns(_Distributed):
+    """Rank r holds columns [col_start, col_stop) of every P̃^l: the paper's scheme (Fig. 1, Eq. 13)."""
+
+    col_start: int = 0
+    col_stop: int = 0
+    mode: ClassVar[str] = "columns"
+
+    def column_slice(self, n: int) -> slice:
+        return slice(self.col_start, self.col_stop)
+
+    def share_quantizer(self, scale: torch.Tensor, zero: torch.Tensor, group) -> None:
+        # Each rank rescaled its own columns (column_norm); share them so all agree.
+        cols = self.column_slice(scale.shape[1])
+        for t in (scale, zero):
+            mine = torch.zeros_like(t)
+            mine[:, cols] = t[:, cols]
+            mine = mine.to(collective_device(group))
+            dist.all_reduce(mine, group=group)
+            t.copy_(mine.cpu())
+
+    def check_backend(self, group, device: torch.device) -> None:
+        super().check_backend(group, device)
+        _refuse_gloo_for_cuda(self.mode, group, device)
+
+    def update_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+    def project(self, engine, flat, comm) -> torch.Tensor:
+        grad = flat.gathered_grad()
+        comm.all_reduce_mean(grad)
+        return engine.project(grad)
+
+    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
+        buffer.zero_()
+        engine.expand(buffer, delta)
+        comm.all_reduce(buffer)
+        apply_update(flat.data, buffer, compensation)
+
+    def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
+        per = -(-n // self.world_size)
+        mine = torch.zeros(beta.shape[0], per, dtype=beta.dtype, device=beta.device)
+        mine[:, : beta.shape[1]] = beta
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=group)
+        full = torch.cat(parts, dim=1)
+        return torch.cat([full[:, r * per: r * per + min(per, n - r * per)] for r in range(self.world_size)], dim=1)
+
+
+MODES = {cls.mode: cls for cls in (Replicate, Rows, Columns)}
+SHARD_MODES = tuple(MODES)
+
+
+def plan(mode: str | None, numel: int, n: int, world_size: int = 1, rank: int = 0) -> Placement:
+    """The placement of rank ``rank`` of ``world_size`` for a subspace of ``numel`` weights and n columns."""
+    if mode is None:
+        return Placement()
+    if mode not in MODES:
+        raise ValueError(f"unknown shard mode {mode!r}: choose one of {', '.join(SHARD_MODES)}")
+    if mode == "rows":
+        chunk = math.ceil(numel / world_size)
+        lo = min(numel, rank * chunk)
+        return Rows(world_size, rank, row_start=lo, row_stop=min(numel, lo + chunk), padded=chunk * world_size)
+    if mode == "columns":
+        if n < world_size:
+            raise ValueError(f"shard='columns' needs at least one column per rank: n = {n} < "
+                             f"{world_size} ranks (use 'rows' or 'replicate')")
+        per = math.ceil(n / world_size)
+        lo = min(n, rank * per)
+        return Columns(world_size, rank, col_start=lo, col_stop=min(n, lo + per))
+    return Replicate(world_size, rank)
+
+
+def from_dict(record: dict | None) -> Placement:
+    """The placement a subspace file recorded (:meth:`Placement.to_dict`)."""
+    if record is None:
+        return Placement()
+    record = dict(record)
+    mode = record.pop("mode")
+    if mode not in MODES:
+        raise ValueError(f"unknown shard mode {mode!r} in a subspace file")
+    cls = MODES[mode]
+    if "padded_numel" in record:  # files written before placements had their own classes
+        record["padded"] = record.pop("padded_numel")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
