@@ -134,8 +134,9 @@ def save(name: str, device: torch.device, payload: dict, markdown: str | None = 
     out_dir = out_dir or RESULTS
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"{name}_{device_tag(device)}")
+    env = environment(device)  # before the file is opened: rewriting a tracked result is not a dirty tree
     with open(base + ".json", "w") as f:
-        json.dump({"environment": environment(device), **payload}, f, indent=1)
+        json.dump({"environment": env, **payload}, f, indent=1)
     if markdown is not None:
         with open(base + ".md", "w") as f:
             f.write(markdown)
