@@ -9,6 +9,7 @@ be built from many checkpoints that together are far larger than memory.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -38,8 +39,6 @@ class _SafetensorsSource:
     JSON of dtype, shape and byte offsets) and checked against the file size."""
 
     def __init__(self, path: str):
-        import json
-
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)

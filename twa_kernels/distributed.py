@@ -29,8 +29,6 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from .placement import SHARD_MODES  # noqa: F401  (the modes' names, where users look for them)
-
 
 # torch >= 2.13 names them *_single; older releases only have the *_tensor spelling.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

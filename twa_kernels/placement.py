@@ -26,6 +26,7 @@ A new mode is one more subclass. Gathering β across ranks is an explicit call
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.numerics import apply_update
+from .distributed import Communicator
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,6 @@ class Placement:
         return None
 
     def file_path(self, path) -> str:
-        import os
-
         return os.fspath(path).replace("{rank}", str(self.rank))
 
     def check_rank(self, path, group) -> None:
@@ -169,8 +169,6 @@ class _Distributed(Placement):
         same_on_all_ranks(value(), group, what)
 
     def communicator(self, group):
-        from .distributed import Communicator
-
         return Communicator(group)
 
     def check_backend(self, group, device: torch.device) -> None:

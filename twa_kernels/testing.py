@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .packing import LayerLayout, PackedProjection, pack_codes
 from .placement import group_or_world, plan
@@ -84,8 +85,6 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
     sizes = tuple(p.numel() for _, p in named)
     world, rank, group = 1, 0, None
     if shard is not None:
-        import torch.distributed as dist
-
         group = group_or_world(process_group)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
     placement = plan(shard, sum(sizes), n, world, rank)

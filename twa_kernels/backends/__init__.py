@@ -33,6 +33,8 @@ import torch
 
 from ..packing import PackedProjection
 from . import extension
+from .dense import DenseEngine
+from .torch_ref import TorchEngine
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def _probe_triton(device: torch.device) -> Availability:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return Availability(False, "on the CPU Triton runs only in its interpreter, for tests",
                             "set TRITON_INTERPRET=1 before importing twa_kernels")
-    try:
+    try:  # imported only when asked for: it imports triton, and reads TRITON_INTERPRET once, at import
         from . import triton_kernels
     except ImportError as err:
         return Availability(False, f"twa_kernels' Triton kernels do not import ({err})", "pip install triton")
@@ -91,8 +93,6 @@ def _extension_engine(projection, device):
 
 
 def _torch_engine(projection, device):
-    from .torch_ref import TorchEngine
-
     return TorchEngine(projection, device)
 
 
@@ -168,8 +168,6 @@ def make_engine(projection: PackedProjection, device, backend: str = "auto", dty
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if projection.layout.bits is None:
-        from .dense import DenseEngine
-
         return DenseEngine(projection, device)
     if dtype == torch.float64 and backend == "auto":
         return _torch_engine(projection, device)

@@ -80,6 +80,8 @@ def first_error(log: str) -> str:
 
 def _prerequisites(kind: str) -> tuple[str, str] | None:
     """(reason, fix) when a compile cannot even start here."""
+    # torch's extension tooling is imported only to compile: it is slow to import and, on a CUDA build of
+    # torch without a GPU, warns at import
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
