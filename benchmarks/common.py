@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from twa_kernels.backends import PREFERENCE, backend_report, format_backend_report
+from twa_kernels.backends import backend_report, fastest_off, format_backend_report
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -76,10 +76,10 @@ def announce_backends(device: torch.device) -> str | None:
     backend for the device is off, else None."""
     report = backend_report(device)
     print(format_backend_report(report), flush=True)
-    chosen = next((r for r in report if r.chosen), None)
-    fastest = next((r for r in report if r.name == PREFERENCE[device.type][0]), None)
-    if chosen is None or fastest is None or fastest.chosen:
+    slower = fastest_off(report, device.type)
+    if slower is None:
         return None
+    chosen, fastest = slower
     return (f"**The faster {fastest.name!r} backend was off** ({fastest.detail}); TWA ran on {chosen.name!r}. "
             f"Fix: {fastest.fix}")
 

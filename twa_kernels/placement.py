@@ -140,12 +140,6 @@ def same_on_all_ranks(value: str, process_group, what: str) -> None:
                          "checkpoints and options")
 
 
-def _refuse_gloo_for_cuda(mode: str, group, device: torch.device) -> None:
-    if dist.get_backend(group) == "gloo" and device.type == "cuda":
-        raise ValueError(f"shard mode {mode!r}: gloo cannot reduce-scatter / all-gather CUDA tensors "
-                         "efficiently; use an NCCL group for CUDA parameters")
-
-
 @dataclass(frozen=True)
 class _Distributed(Placement):
     """What every multi-rank placement shares: its record, file checks and communicator."""
@@ -171,11 +165,17 @@ class _Distributed(Placement):
     def communicator(self, group):
         return Communicator(group)
 
+    # Modes whose step moves D-sized vectors, which gloo cannot do efficiently for CUDA tensors.
+    moves_weights: ClassVar[bool] = False
+
     def check_backend(self, group, device: torch.device) -> None:
         backend = dist.get_backend(group)
         if backend == "nccl" and device.type != "cuda":
             raise ValueError(f"shard mode {self.mode!r}: the process group uses NCCL, which cannot reduce "
                              f"{device.type} tensors; use a gloo group for CPU parameters")
+        if self.moves_weights and backend == "gloo" and device.type == "cuda":
+            raise ValueError(f"shard mode {self.mode!r}: gloo cannot reduce-scatter / all-gather CUDA tensors "
+                             "efficiently; use an NCCL group for CUDA parameters")
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,7 @@ class Rows(_Distributed):
     row_stop: int = 0
     padded: int = 0  # k · ⌈D / k⌉: reduce-scatter and all-gather need k equal pieces
     mode: ClassVar[str] = "rows"
+    moves_weights: ClassVar[bool] = True
 
     def layer_ranges(self, sizes) -> list[tuple[int, int]]:
         out, start = [], 0
@@ -219,10 +220,6 @@ class Rows(_Distributed):
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
                         group=group)
         return t.cpu()
-
-    def check_backend(self, group, device: torch.device) -> None:
-        super().check_backend(group, device)
-        _refuse_gloo_for_cuda(self.mode, group, device)
 
     def project(self, engine, flat, comm) -> torch.Tensor:
         grad = flat.gathered_grad()
@@ -250,6 +247,7 @@ class Columns(_Distributed):
     col_start: int = 0
     col_stop: int = 0
     mode: ClassVar[str] = "columns"
+    moves_weights: ClassVar[bool] = True
 
     def column_slice(self, n: int) -> slice:
         return slice(self.col_start, self.col_stop)
@@ -263,10 +261,6 @@ class Columns(_Distributed):
             mine = mine.to(collective_device(group))
             dist.all_reduce(mine, group=group)
             t.copy_(mine.cpu())
-
-    def check_backend(self, group, device: torch.device) -> None:
-        super().check_backend(group, device)
-        _refuse_gloo_for_cuda(self.mode, group, device)
 
     def update_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.

@@ -45,8 +45,9 @@ def tensors(space) -> dict:
 def fingerprint(space) -> str:
     """A hash of what every rank shares (record, scales, zeros, norms, frozen layers, transform)."""
     h = hashlib.sha256(json.dumps(record(space), sort_keys=True).encode())
+    stored = tensors(space)
     for key in ("scale", "zero", "col_norms", "frozen"):
-        h.update(tensors(space)[key].contiguous().cpu().numpy().tobytes())
+        h.update(stored[key].contiguous().cpu().numpy().tobytes())
     if space.transform is not None:
         h.update(space.transform.contiguous().numpy().tobytes())
     return h.hexdigest()[:32]

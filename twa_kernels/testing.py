@@ -98,8 +98,7 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
         scale = torch.rand(len(sizes), n, generator=gen) * 0.01
         zero = -scale * ((1 << bits) - 1) / 2
         local = PackedProjection(local.layout, scale[:, cols].contiguous(), zero[:, cols].contiguous(), local.words)
-    flat = torch.cat([p.detach().reshape(-1).float().cpu() for _, p in named])
-    center = torch.cat([flat[sum(sizes[:l]) + a: sum(sizes[:l]) + b] for l, (a, b) in enumerate(ranges)])
+    center = torch.cat([p.detach().reshape(-1)[a:b].float().cpu() for (_, p), (a, b) in zip(named, ranges)])
     return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
                     decouple_mode="center", scale_mode="layer", center=center, projection=local,
                     col_norms=torch.ones(len(sizes), n, dtype=torch.float64), transform=None,

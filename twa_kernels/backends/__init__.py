@@ -211,6 +211,16 @@ def backend_report(device=None) -> list[BackendStatus]:
     return out
 
 
+def fastest_off(report: list[BackendStatus], device: str) -> tuple[BackendStatus, BackendStatus] | None:
+    """(the backend that runs, the faster one that is off) on ``device``, or None when the fastest runs."""
+    rows = [r for r in report if r.device == device]
+    chosen = next((r for r in rows if r.chosen), None)
+    best = next((r for r in rows if r.name == PREFERENCE.get(device, ("torch",))[0]), None)
+    if chosen is None or best is None or best is chosen:
+        return None
+    return chosen, best
+
+
 def format_backend_report(report: list[BackendStatus]) -> str:
     """The report as lines a person reads: per device, first what runs and, when a faster backend is off,
     why and the command that fixes it; then every backend (* runs, + available, - off)."""
@@ -218,14 +228,11 @@ def format_backend_report(report: list[BackendStatus]) -> str:
     for device in dict.fromkeys(r.device for r in report):
         rows = [r for r in report if r.device == device]
         chosen = next((r for r in rows if r.chosen), None)
-        best = PREFERENCE.get(device, ("torch",))[0]
-        preferred = next((r for r in rows if r.name == best), chosen)
-        if chosen is None:
-            head = f"{device}: no backend runs ({rows[-1].detail})"
-        else:
-            head = f"{device}: backend {chosen.name!r} runs"
-        if chosen is not None and preferred is not chosen:
-            head += f" -- the faster {preferred.name!r} is OFF: {preferred.detail}. Fix: {preferred.fix}"
+        head = f"{device}: no backend runs ({rows[-1].detail})" if chosen is None else \
+            f"{device}: backend {chosen.name!r} runs"
+        slower = fastest_off(report, device)
+        if slower is not None:
+            head += f" -- the faster {slower[1].name!r} is OFF: {slower[1].detail}. Fix: {slower[1].fix}"
         lines.append(head)
         for r in rows:
             mark = "*" if r.chosen else ("+" if r.available else "-")

@@ -50,10 +50,6 @@ class ModuleStatus:
 _STATUS: dict[str, ModuleStatus] = {}
 
 
-def _torch_minor() -> str:
-    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
-
-
 def cache_root() -> str:
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions")
@@ -91,13 +87,15 @@ def _prerequisites(kind: str) -> tuple[str, str] | None:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
         return "ninja is not installed", "pip install ninja"
-    if kind == "cuda":
-        if torch.version.cuda is None:
-            return "this torch is a CPU build", "install a CUDA build of torch"
-        if src.use_cuda_home(cpp_extension, torch.version.cuda) is None:
-            return (f"no CUDA toolkit found (nvcc and headers; torch is built for CUDA {torch.version.cuda})",
-                    f"install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME")
+    # (a CPU build of torch never gets here for "cuda": the loader turns it away first)
+    if kind == "cuda" and src.use_cuda_home(cpp_extension, torch.version.cuda) is None:
+        return (f"no CUDA toolkit found (nvcc and headers; torch is built for CUDA {torch.version.cuda})",
+                f"install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME")
     return None
+
+
+class BuildFailed(RuntimeError):
+    pass
 
 
 class _BuildLock:
@@ -114,9 +112,9 @@ class _BuildLock:
         self.file = open(self.path, "w")
         if fcntl is not None:
             fcntl.flock(self.file, fcntl.LOCK_EX)
-        stale = os.path.join(self.directory, "lock")
-        if fcntl is not None and os.path.exists(stale):
-            os.remove(stale)
+            stale = os.path.join(self.directory, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
         return self
 
     def __exit__(self, *exc):
@@ -150,10 +148,6 @@ def _compile(kind: str):
             raise BuildFailed(f"compiling csrc/ failed: {first_error(str(err))} (whole log: {log})") from None
 
 
-class BuildFailed(RuntimeError):
-    pass
-
-
 def _installed(kind: str):
     """The module built at install time, or (None, why not)."""
     name = f"twa_kernels.{src.MODULES[kind]}"
@@ -163,7 +157,7 @@ def _installed(kind: str):
         missing = isinstance(err, ModuleNotFoundError) and err.name == name
         return None, "not built at install" if missing else f"the installed {name} does not load ({err})"
     built_for = getattr(module, "torch_version", "unknown")
-    if built_for != _torch_minor():
+    if built_for != src.torch_minor(torch.__version__):
         return None, f"the installed {name} was built for torch {built_for}, this is torch {torch.__version__}"
     return module, ""
 

@@ -17,16 +17,20 @@ import os
 CSRC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc"))
 CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp", "twa_cpu_avx2.cpp"]
 CUDA_SOURCES = ["twa_bindings_cuda.cpp", "twa_cuda_launch.cpp", "twa_cuda.cu"]
-HEADERS = ["twa_layout.h", "twa_tables.h", "twa_cpu_periods.h"]
 MODULES = {"cpu": "_C", "cuda": "_C_cuda"}
 # Compiled for these GPUs when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (a CUDA build of torch
 # on a machine without a GPU): Ampere and Hopper natively, newer GPUs through the PTX.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
+def torch_minor(torch_version: str) -> str:
+    """"2.14" of "2.14.1+cu130": what a built module records, and what the loader compares."""
+    return ".".join(torch_version.split("+")[0].split(".")[:2])
+
+
 def torch_version_macros(torch_version: str) -> list:
     """``TWA_TORCH_MAJOR`` / ``TWA_TORCH_MINOR``: the module records the torch it was built against."""
-    major, minor = torch_version.split("+")[0].split(".")[:2]
+    major, minor = torch_minor(torch_version).split(".")
     return [("TWA_TORCH_MAJOR", major), ("TWA_TORCH_MINOR", minor)]
 
 
