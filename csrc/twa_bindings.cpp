@@ -1,6 +1,8 @@
 // Python module twa_kernels._C: the cpp backend (CPU, OpenMP, AVX2 + FMA where the CPU has it).
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "twa_cpu_periods.h"
 #include "twa_tables.h"
 
@@ -8,35 +10,41 @@ namespace twa {
 
 bool cpu_vector_kernels_available();
 bool vector_kernel_fits(int64_t n, int64_t bits, int64_t rows_per_program);
-torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad);
-void expand_cpu(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta);
+std::tuple<torch::Tensor, torch::Tensor> project_cpu(const Tables& t, const int64_t* grad, at::ScalarType dtype);
+void expand_cpu(const Tables& t, const int64_t* weights, at::ScalarType dtype, const int64_t* comp, const float* u,
+                const float* s);
 
 namespace {
 
-torch::Tensor project(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-                      const torch::Tensor& grad, int64_t numel, bool vectorized) {
-  TORCH_CHECK(grad.device().is_cpu(), "twa_kernels._C is the CPU backend; grad is on ", grad.device());
-  Tables t = project_tables(tables, rows_per_program, n, bits, grad, numel);
+const torch::Device kCpu(torch::kCPU);
+
+std::tuple<torch::Tensor, torch::Tensor> project(const pybind11::object& tables, const torch::Tensor& grad_addr,
+                                                 at::ScalarType dtype, bool vectorized) {
+  Tables t = make_tables(tables, kCpu);
   t.vectorized = vectorized;
-  return project_cpu(t, grad);
+  kernel_dtype(dtype);
+  return project_cpu(t, addresses(grad_addr, t, "gradient addresses", kCpu), dtype);
 }
 
-void expand(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-            torch::Tensor weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta, int64_t numel,
+void expand(const pybind11::object& tables, const torch::Tensor& weight_addr, at::ScalarType dtype,
+            const c10::optional<torch::Tensor>& comp_addr, const torch::Tensor& u, const torch::Tensor& s,
             bool vectorized) {
-  TORCH_CHECK(weights.device().is_cpu(), "twa_kernels._C is the CPU backend; weights are on ", weights.device());
-  Tables t = expand_tables(tables, rows_per_program, n, bits, weights, comp, delta, numel);
+  Tables t = make_tables(tables, kCpu);
   t.vectorized = vectorized;
-  expand_cpu(t, weights, comp, delta);
+  kernel_dtype(dtype);
+  check_fold(u, s, t, kCpu);
+  const int64_t* comp = comp_addr.has_value() ? addresses(*comp_addr, t, "compensation addresses", kCpu) : nullptr;
+  expand_cpu(t, addresses(weight_addr, t, "weight addresses", kCpu), dtype, comp, u.data_ptr<float>(),
+             s.data_ptr<float>());
 }
 
 }  // namespace
 }  // namespace twa
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "twa_kernels cpp backend: fused dequantize + P^T g and w += P dbeta on the CPU";
-  m.def("project", &twa::project, "c = P^T g for all layers");
-  m.def("expand", &twa::expand, "w += P delta for all layers, in place");
+  m.doc() = "twa_kernels cpp backend: fused dequantize + q^T g and w += q u + s on the CPU";
+  m.def("project", &twa::project, "(q^T g, sum g) per layer, for all layers");
+  m.def("expand", &twa::expand, "w += q u + s for all layers, in place");
   m.def("cpu_vector_kernels_available", &twa::cpu_vector_kernels_available,
         "whether this CPU runs the AVX2 + FMA kernels of the cpp backend");
   m.def("period_rows", &twa::period_rows, "rows per period: cpp programs that start on a multiple run vectorised");

@@ -2,33 +2,50 @@
 // toolchain problem never takes the cpp backend down.
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "twa_tables.h"
 
 namespace twa {
 
-torch::Tensor project_cuda(const Tables& t, const torch::Tensor& grad);
-void expand_cuda(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta);
+std::tuple<torch::Tensor, torch::Tensor> project_cuda(const Tables& t, const int64_t* grad, at::ScalarType dtype,
+                                                      const torch::Device& dev);
+void expand_cuda(const Tables& t, const int64_t* weights, at::ScalarType dtype, const int64_t* comp, const float* u,
+                 const float* s, const torch::Device& dev);
 
 namespace {
 
-torch::Tensor project(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-                      const torch::Tensor& grad, int64_t numel) {
-  TORCH_CHECK(grad.is_cuda(), "twa_kernels._C_cuda is the CUDA backend; grad is on ", grad.device());
-  return project_cuda(project_tables(tables, rows_per_program, n, bits, grad, numel), grad);
+torch::Device tables_device(const pybind11::object& tables) {
+  const torch::Device dev = tables.attr("words").cast<torch::Tensor>().device();
+  TORCH_CHECK(dev.is_cuda(), "twa_kernels._C_cuda is the CUDA backend; its tables are on ", dev);
+  return dev;
 }
 
-void expand(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n, int64_t bits,
-            torch::Tensor weights, c10::optional<torch::Tensor> comp, const torch::Tensor& delta, int64_t numel) {
-  TORCH_CHECK(weights.is_cuda(), "twa_kernels._C_cuda is the CUDA backend; weights are on ", weights.device());
-  expand_cuda(expand_tables(tables, rows_per_program, n, bits, weights, comp, delta, numel), weights, comp, delta);
+std::tuple<torch::Tensor, torch::Tensor> project(const pybind11::object& tables, const torch::Tensor& grad_addr,
+                                                 at::ScalarType dtype) {
+  const torch::Device dev = tables_device(tables);
+  const Tables t = make_tables(tables, dev);
+  kernel_dtype(dtype);
+  return project_cuda(t, addresses(grad_addr, t, "gradient addresses", dev), dtype, dev);
+}
+
+void expand(const pybind11::object& tables, const torch::Tensor& weight_addr, at::ScalarType dtype,
+            const c10::optional<torch::Tensor>& comp_addr, const torch::Tensor& u, const torch::Tensor& s) {
+  const torch::Device dev = tables_device(tables);
+  const Tables t = make_tables(tables, dev);
+  kernel_dtype(dtype);
+  check_fold(u, s, t, dev);
+  const int64_t* comp = comp_addr.has_value() ? addresses(*comp_addr, t, "compensation addresses", dev) : nullptr;
+  expand_cuda(t, addresses(weight_addr, t, "weight addresses", dev), dtype, comp, u.data_ptr<float>(),
+              s.data_ptr<float>(), dev);
 }
 
 }  // namespace
 }  // namespace twa
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "twa_kernels cuda backend: fused dequantize + P^T g and w += P dbeta on CUDA devices";
-  m.def("project", &twa::project, "c = P^T g for all layers");
-  m.def("expand", &twa::expand, "w += P delta for all layers, in place");
+  m.doc() = "twa_kernels cuda backend: fused dequantize + q^T g and w += q u + s on CUDA devices";
+  m.def("project", &twa::project, "(q^T g, sum g) per layer, for all layers");
+  m.def("expand", &twa::expand, "w += q u + s for all layers, in place");
   m.attr("torch_version") = twa::compiled_torch_version();
 }

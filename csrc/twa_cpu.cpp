@@ -8,7 +8,8 @@
 //   a loop over the E = 32/B codes of a word with a compile-time E that the compiler unrolls and
 //   vectorises, then a contiguous multiply-add runs over each row.
 // Partials are written per program and reduced per layer in program order, so results do not depend
-// on the number of threads.
+// on the number of threads. Programs read and write the segments through their address tables
+// (twa_layout.h); the affine fold is the engine's, so these kernels see codes only.
 #include <torch/extension.h>
 
 #include <vector>
@@ -66,31 +67,28 @@ inline float to_float(double x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-inline int64_t program_rows(const Tables& t, int64_t layer, int64_t row0) {
-  return std::min<int64_t>(t.rows_per_program, t.sizes[layer] - row0);
-}
+// The layer's words of a program's first code row.
+inline const int32_t* layer_words(const Tables& t, const Program& g) { return t.words + t.word_off[g.layer]; }
 
-// Runs fn(p, layer, row0, rows, codes, scratch) for every program, in parallel, with the program's
-// codes unpacked to floats in a per-thread buffer and n floats of per-thread scratch.
+// Runs fn(p, program, codes) for every program, in parallel, with the program's codes unpacked to
+// floats in a per-thread buffer.
 template <typename Fn>
 void for_each_program(const Tables& t, Fn&& fn) {
   const int n = t.n;
 #pragma omp parallel
   {
     std::vector<float> codes(static_cast<size_t>(t.rows_per_program) * n);
-    std::vector<float> scratch(n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
-      const int64_t layer = t.prog_layer[p];
-      const int64_t row0 = t.prog_row[p];
-      const int64_t rows = program_rows(t, layer, row0);
-      unpack_dispatch(t.bits, t.words + t.word_off[layer], row0 * n, rows * n, codes.data());
-      fn(p, layer, row0, rows, codes.data(), scratch.data());
+      const Program g = program_at(t, p);
+      unpack_dispatch(t.bits, layer_words(t, g), g.layer_row0 * n, g.rows * n, codes.data());
+      fn(p, g, codes.data());
     }
   }
 }
 
-void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out) {
+// Per layer, in program order: qᵀg into out_t [L, n] and Σg into out_g [L].
+void reduce_partials(const Tables& t, const float* part_t, const float* part_g, float* out_t, float* out_g) {
   const int n = t.n;
 #pragma omp parallel for schedule(static)
   for (int64_t l = 0; l < t.num_layers; ++l) {
@@ -100,7 +98,8 @@ void reduce_partials(const Tables& t, const float* part_t, const float* part_g, 
       for (int j = 0; j < n; ++j) acc[j] += part_t[p * n + j];
       gsum += part_g[p];
     }
-    for (int j = 0; j < n; ++j) out[l * n + j] = t.scale[l * n + j] * acc[j] + t.zero[l * n + j] * gsum;
+    for (int j = 0; j < n; ++j) out_t[l * n + j] = acc[j];
+    out_g[l] = gsum;
   }
 }
 
@@ -119,50 +118,55 @@ inline void add_to_weight(w_t* weights, c10::BFloat16* comp, int64_t i, float dw
   }
 }
 
-// u[j] = scale·Δβ per column of the layer, and s = Σ zero·Δβ, the constant every row adds.
-inline float folded_delta(const Tables& t, int64_t layer, const float* delta, float* u) {
-  const int n = t.n;
-  float s = 0.f;
-  for (int j = 0; j < n; ++j) {
-    u[j] = t.scale[layer * n + j] * delta[layer * n + j];
-    s += t.zero[layer * n + j] * delta[layer * n + j];
+// The segments one expand call updates: weights, and the bf16 compensation when there is one.
+struct ExpandTargets {
+  const int64_t* weights;
+  const int64_t* comp;  // nullptr: no compensation
+  const float* u;       // [L, n] scale ∘ Δβ
+  const float* s;       // [L] Σ zero ∘ Δβ
+
+  template <typename w_t>
+  w_t* weight_row(const Program& g) const { return segment_row<w_t>(weights, g.seg, g.row0); }
+  c10::BFloat16* comp_row(const Program& g) const {
+    return comp == nullptr ? nullptr : segment_row<c10::BFloat16>(comp, g.seg, g.row0);
   }
-  return s;
-}
+};
 
 // ---- portable kernels -------------------------------------------------------------------------
 
 template <typename grad_t>
-void project_portable(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+void project_portable(const Tables& t, const int64_t* grad, float* part_t, float* part_g) {
   const int n = t.n;
-  for_each_program(t, [&](int64_t p, int64_t layer, int64_t row0, int64_t rows, const float* q, float* a) {
-    const grad_t* g = grad + t.param_off[layer] + row0;
+  for_each_program(t, [&](int64_t p, const Program& pg, const float* q) {
+    const grad_t* g = segment_row<const grad_t>(grad, pg.seg, pg.row0);
+    float* a = part_t + p * n;
     for (int j = 0; j < n; ++j) a[j] = 0.f;
     float gsum = 0.f;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < pg.rows; ++r) {
       const float gr = to_float(g[r]);
       const float* qr = q + r * n;
 #pragma omp simd
       for (int j = 0; j < n; ++j) a[j] += qr[j] * gr;
       gsum += gr;
     }
-    for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
     part_g[p] = gsum;
   });
 }
 
 template <typename w_t>
-void expand_portable(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+void expand_portable(const Tables& t, const ExpandTargets& x) {
   const int n = t.n;
-  for_each_program(t, [&](int64_t, int64_t layer, int64_t row0, int64_t rows, const float* q, float* u) {
-    const float s = folded_delta(t, layer, delta, u);
-    const int64_t base = t.param_off[layer] + row0;
-    for (int64_t r = 0; r < rows; ++r) {
+  for_each_program(t, [&](int64_t, const Program& pg, const float* q) {
+    const float* u = x.u + pg.layer * n;
+    const float s = x.s[pg.layer];
+    w_t* w = x.weight_row<w_t>(pg);
+    c10::BFloat16* comp = x.comp_row(pg);
+    for (int64_t r = 0; r < pg.rows; ++r) {
       const float* qr = q + r * n;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int j = 0; j < n; ++j) dot += qr[j] * u[j];
-      add_to_weight(weights, comp, base + r, dot + s);
+      add_to_weight(w, comp, r, dot + s);
     }
   });
 }
@@ -170,33 +174,38 @@ void expand_portable(const Tables& t, w_t* weights, c10::BFloat16* comp, const f
 // ---- vectorised kernels over whole periods (twa_cpu_periods.h) ---------------------------------
 
 #if TWA_X86_KERNELS
-// Programs start on a multiple of R rows, so on a word: row0·n·B bits is a multiple of 32.
-inline const uint8_t* run_bytes(const Tables& t, int64_t layer, int64_t row0) {
-  return reinterpret_cast<const uint8_t*>(t.words + t.word_off[layer]) + row0 * t.n * t.bits / 8;
+// A program whose first code row is a multiple of R rows starts on a word (row·n·B bits is a multiple
+// of 32) and runs whole periods; one that starts elsewhere (a segment starting inside its layer, with
+// layers="model") takes the scalar path for all its rows.
+inline int64_t whole_periods(const Program& g, const PeriodPlan& plan) {
+  return g.layer_row0 % plan.rows == 0 ? g.rows / plan.rows : 0;
 }
 
-// The codes of the rows [done, rows) after a program's last whole period (fewer than R rows).
-inline const float* unpack_tail(const Tables& t, int64_t layer, int64_t row0, int64_t done, int64_t rows,
-                                float* out) {
-  unpack_dispatch(t.bits, t.words + t.word_off[layer], (row0 + done) * t.n, (rows - done) * t.n, out);
+inline const uint8_t* run_bytes(const Tables& t, const Program& g) {
+  return reinterpret_cast<const uint8_t*>(layer_words(t, g)) + g.layer_row0 * t.n * t.bits / 8;
+}
+
+// The codes of the rows [done, rows) of a program that are not in one of its whole periods.
+inline const float* unpack_tail(const Tables& t, const Program& g, int64_t done, float* out) {
+  unpack_dispatch(t.bits, layer_words(t, g), (g.layer_row0 + done) * t.n, (g.rows - done) * t.n, out);
   return out;
 }
 
 template <typename grad_t>
-void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+void project_periods(const Tables& t, const int64_t* grad, float* part_t, float* part_g) {
   const int n = t.n;
   const PeriodPlan plan(n, t.bits);
   const int64_t lanes = static_cast<int64_t>(plan.vectors) * 8;
 #pragma omp parallel
   {
     std::vector<float> gf(t.rows_per_program + 1);  // + 1: the kernel reads one row past the run
-    std::vector<float> A(lanes), tail(static_cast<size_t>(plan.rows) * n);
+    std::vector<float> A(lanes), tail(static_cast<size_t>(t.rows_per_program) * n);
     std::vector<float> a(n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
-      const int64_t layer = t.prog_layer[p], row0 = t.prog_row[p];
-      const int64_t rows = program_rows(t, layer, row0);
-      const grad_t* g = grad + t.param_off[layer] + row0;
+      const Program pg = program_at(t, p);
+      const int64_t rows = pg.rows;
+      const grad_t* g = segment_row<const grad_t>(grad, pg.seg, pg.row0);
       float gsum = 0.f;  // lane-wise partial sums: a serial chain here would cost more than the FMAs
 #pragma omp simd reduction(+ : gsum)
       for (int64_t r = 0; r < rows; ++r) {
@@ -204,13 +213,13 @@ void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* 
         gsum += gf[r];
       }
       gf[rows] = 0.f;
-      const int64_t periods = rows / plan.rows;
+      const int64_t periods = whole_periods(pg, plan);
       std::fill(A.begin(), A.end(), 0.f);
-      project_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), gf.data(), periods, A.data());
+      if (periods > 0) project_periods_avx2(plan, t.bits, run_bytes(t, pg), gf.data(), periods, A.data());
       std::fill(a.begin(), a.end(), 0.f);
       for (int64_t i = 0; i < lanes; ++i) a[plan.col[i]] += A[i];
       const int64_t done = periods * plan.rows;
-      const float* q = unpack_tail(t, layer, row0, done, rows, tail.data());
+      const float* q = unpack_tail(t, pg, done, tail.data());
       for (int64_t r = done; r < rows; ++r)
         for (int j = 0; j < n; ++j) a[j] += q[(r - done) * n + j] * gf[r];
       for (int j = 0; j < n; ++j) part_t[p * n + j] = a[j];
@@ -220,51 +229,52 @@ void project_periods(const Tables& t, const grad_t* grad, float* part_t, float* 
 }
 
 template <typename w_t>
-void expand_periods(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+void expand_periods(const Tables& t, const ExpandTargets& x) {
   const int n = t.n;
   const PeriodPlan plan(n, t.bits);
   const int64_t lanes = static_cast<int64_t>(plan.vectors) * 8;
 #pragma omp parallel
   {
-    std::vector<float> u(n), U(lanes), dots(t.rows_per_program), tail(static_cast<size_t>(plan.rows) * n);
+    std::vector<float> U(lanes), dots(t.rows_per_program), tail(static_cast<size_t>(t.rows_per_program) * n);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < t.num_programs; ++p) {
-      const int64_t layer = t.prog_layer[p], row0 = t.prog_row[p];
-      const int64_t rows = program_rows(t, layer, row0);
-      const float s = folded_delta(t, layer, delta, u.data());
+      const Program pg = program_at(t, p);
+      const int64_t rows = pg.rows;
+      const float* u = x.u + pg.layer * n;
+      const float s = x.s[pg.layer];
       for (int64_t i = 0; i < lanes; ++i) U[i] = u[plan.col[i]];
-      const int64_t periods = rows / plan.rows;
-      expand_periods_avx2(plan, t.bits, run_bytes(t, layer, row0), U.data(), periods, dots.data());
+      const int64_t periods = whole_periods(pg, plan);
+      if (periods > 0) expand_periods_avx2(plan, t.bits, run_bytes(t, pg), U.data(), periods, dots.data());
       const int64_t done = periods * plan.rows;
-      const float* q = unpack_tail(t, layer, row0, done, rows, tail.data());
+      const float* q = unpack_tail(t, pg, done, tail.data());
       for (int64_t r = done; r < rows; ++r) {
         float dot = 0.f;
         for (int j = 0; j < n; ++j) dot += q[(r - done) * n + j] * u[j];
         dots[r] = dot;
       }
-      const int64_t base = t.param_off[layer] + row0;
-      for (int64_t r = 0; r < rows; ++r) add_to_weight(weights, comp, base + r, dots[r] + s);
+      w_t* w = x.weight_row<w_t>(pg);
+      c10::BFloat16* comp = x.comp_row(pg);
+      for (int64_t r = 0; r < rows; ++r) add_to_weight(w, comp, r, dots[r] + s);
     }
   }
 }
 #endif
 
 template <typename grad_t>
-void project_impl(const Tables& t, const grad_t* grad, float* part_t, float* part_g) {
+void project_impl(const Tables& t, const int64_t* grad, float* part_t, float* part_g) {
 #if TWA_X86_KERNELS
   if (t.vectorized && vector_kernel_fits(t.n, t.bits, t.rows_per_program))
-    return project_periods(t, grad, part_t, part_g);
+    return project_periods<grad_t>(t, grad, part_t, part_g);
 #endif
-  project_portable(t, grad, part_t, part_g);
+  project_portable<grad_t>(t, grad, part_t, part_g);
 }
 
 template <typename w_t>
-void expand_impl(const Tables& t, w_t* weights, c10::BFloat16* comp, const float* delta) {
+void expand_impl(const Tables& t, const ExpandTargets& x) {
 #if TWA_X86_KERNELS
-  if (t.vectorized && vector_kernel_fits(t.n, t.bits, t.rows_per_program))
-    return expand_periods(t, weights, comp, delta);
+  if (t.vectorized && vector_kernel_fits(t.n, t.bits, t.rows_per_program)) return expand_periods<w_t>(t, x);
 #endif
-  expand_portable(t, weights, comp, delta);
+  expand_portable<w_t>(t, x);
 }
 
 }  // namespace
@@ -277,24 +287,24 @@ bool cpu_vector_kernels_available() {
 #endif
 }
 
-torch::Tensor project_cpu(const Tables& t, const torch::Tensor& grad) {
+std::tuple<torch::Tensor, torch::Tensor> project_cpu(const Tables& t, const int64_t* grad, at::ScalarType dtype) {
   auto opts = torch::TensorOptions().dtype(torch::kFloat32);
   auto part_t = torch::empty({t.num_programs, t.n}, opts);
   auto part_g = torch::empty({t.num_programs}, opts);
-  auto out = torch::empty({t.num_layers, t.n}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "twa_project_cpu", [&] {
-    project_impl<scalar_t>(t, grad.data_ptr<scalar_t>(), part_t.data_ptr<float>(), part_g.data_ptr<float>());
+  auto out_t = torch::empty({t.num_layers, t.n}, opts);
+  auto out_g = torch::empty({t.num_layers}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "twa_project_cpu", [&] {
+    project_impl<scalar_t>(t, grad, part_t.data_ptr<float>(), part_g.data_ptr<float>());
   });
-  reduce_partials(t, part_t.data_ptr<float>(), part_g.data_ptr<float>(), out.data_ptr<float>());
-  return out;
+  reduce_partials(t, part_t.data_ptr<float>(), part_g.data_ptr<float>(), out_t.data_ptr<float>(),
+                  out_g.data_ptr<float>());
+  return {out_t, out_g};
 }
 
-void expand_cpu(const Tables& t, torch::Tensor& weights, c10::optional<torch::Tensor> comp,
-                const torch::Tensor& delta) {
-  c10::BFloat16* comp_ptr = comp.has_value() ? comp->data_ptr<c10::BFloat16>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weights.scalar_type(), "twa_expand_cpu", [&] {
-    expand_impl<scalar_t>(t, weights.data_ptr<scalar_t>(), comp_ptr, delta.data_ptr<float>());
-  });
+void expand_cpu(const Tables& t, const int64_t* weights, at::ScalarType dtype, const int64_t* comp, const float* u,
+                const float* s) {
+  const ExpandTargets x{weights, comp, u, s};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "twa_expand_cpu", [&] { expand_impl<scalar_t>(t, x); });
 }
 
 }  // namespace twa

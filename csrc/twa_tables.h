@@ -1,12 +1,11 @@
 // Argument checks shared by the two Python modules (twa_bindings.cpp for the CPU, twa_bindings_cuda.cpp
-// for CUDA): every table is checked here so that a wrong call raises a Python error instead of reading
-// out of bounds. Header-only so that each module stands alone: one failing to build never takes the
-// other down.
+// for CUDA): the engine's KernelTables are read by field name and every table is checked here, so that
+// a wrong call raises a Python error instead of reading out of bounds. Header-only so that each module
+// stands alone: one failing to build never takes the other down.
 #pragma once
 #include <torch/extension.h>
 
 #include <string>
-#include <vector>
 
 #include "twa_layout.h"
 
@@ -18,55 +17,68 @@ inline void check_tensor(const torch::Tensor& x, at::ScalarType dtype, const cha
   TORCH_CHECK(x.device() == dev, what, " is on ", x.device(), ", expected ", dev);
 }
 
-// words, word_off, param_off, sizes, prog_layer, prog_row, layer_prog, scale, zero
-inline Tables make_tables(const std::vector<torch::Tensor>& tb, int64_t rows_per_program, int64_t n, int64_t bits,
-                          const torch::Device& dev) {
-  TORCH_CHECK(tb.size() == 9, "expected 9 table tensors");
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "unsupported bit width ", bits);
-  check_tensor(tb[0], at::kInt, "words", dev);
-  const char* names[] = {"word_off", "param_off", "sizes", "prog_layer", "prog_row", "layer_prog"};
-  for (int i = 1; i <= 6; ++i) check_tensor(tb[i], at::kLong, names[i - 1], dev);
-  check_tensor(tb[7], at::kFloat, "scale", dev);
-  check_tensor(tb[8], at::kFloat, "zero", dev);
-  const int64_t L = tb[3].numel();
-  TORCH_CHECK(tb[1].numel() == L && tb[2].numel() == L && tb[6].numel() == L + 1, "layer tables disagree");
-  TORCH_CHECK(tb[7].numel() == L * n && tb[8].numel() == L * n, "scale/zero must be [L, n]");
+inline torch::Tensor field(const pybind11::object& tables, const char* name, at::ScalarType dtype,
+                           const torch::Device& dev) {
+  TORCH_CHECK(pybind11::hasattr(tables, name), "kernel tables lack the field '", name, "'");
+  torch::Tensor x = tables.attr(name).cast<torch::Tensor>();
+  check_tensor(x, dtype, name, dev);
+  return x;
+}
+
+// The tables of twa_kernels.backends.contract.KernelTables, checked against each other.
+inline Tables make_tables(const pybind11::object& tb, const torch::Device& dev) {
+  const torch::Tensor words = field(tb, "words", at::kInt, dev);
+  const torch::Tensor word_off = field(tb, "word_off", at::kLong, dev);
+  const torch::Tensor seg_layer = field(tb, "seg_layer", at::kLong, dev);
+  const torch::Tensor seg_row = field(tb, "seg_row", at::kLong, dev);
+  const torch::Tensor seg_size = field(tb, "seg_size", at::kLong, dev);
+  const torch::Tensor prog_seg = field(tb, "prog_seg", at::kLong, dev);
+  const torch::Tensor prog_row = field(tb, "prog_row", at::kLong, dev);
+  const torch::Tensor layer_prog = field(tb, "layer_prog", at::kLong, dev);
   Tables t;
-  t.words = tb[0].data_ptr<int32_t>();
-  t.word_off = tb[1].data_ptr<int64_t>();
-  t.param_off = tb[2].data_ptr<int64_t>();
-  t.sizes = tb[3].data_ptr<int64_t>();
-  t.prog_layer = tb[4].data_ptr<int64_t>();
-  t.prog_row = tb[5].data_ptr<int64_t>();
-  t.layer_prog = tb[6].data_ptr<int64_t>();
-  t.scale = tb[7].data_ptr<float>();
-  t.zero = tb[8].data_ptr<float>();
-  t.num_programs = tb[4].numel();
-  t.num_layers = L;
-  t.rows_per_program = rows_per_program;
-  t.n = static_cast<int>(n);
-  t.bits = static_cast<int>(bits);
+  t.n = tb.attr("n").cast<int>();
+  t.bits = tb.attr("bits").cast<int>();
+  t.rows_per_program = tb.attr("rows_per_program").cast<int64_t>();
+  TORCH_CHECK(t.bits == 1 || t.bits == 2 || t.bits == 4 || t.bits == 8, "unsupported bit width ", t.bits);
+  TORCH_CHECK(t.n >= 1 && t.rows_per_program >= 1, "n and rows_per_program must be positive");
+  t.num_layers = word_off.numel();
+  t.num_segments = seg_size.numel();
+  t.num_programs = prog_seg.numel();
+  TORCH_CHECK(layer_prog.numel() == t.num_layers + 1, "layer_prog must have L + 1 entries");
+  TORCH_CHECK(seg_layer.numel() == t.num_segments && seg_row.numel() == t.num_segments, "segment tables disagree");
+  TORCH_CHECK(prog_row.numel() == t.num_programs, "program tables disagree");
+  t.words = words.data_ptr<int32_t>();
+  t.word_off = word_off.data_ptr<int64_t>();
+  t.seg_layer = seg_layer.data_ptr<int64_t>();
+  t.seg_row = seg_row.data_ptr<int64_t>();
+  t.seg_size = seg_size.data_ptr<int64_t>();
+  t.prog_seg = prog_seg.data_ptr<int64_t>();
+  t.prog_row = prog_row.data_ptr<int64_t>();
+  t.layer_prog = layer_prog.data_ptr<int64_t>();
   return t;
 }
 
-inline Tables project_tables(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n,
-                             int64_t bits, const torch::Tensor& grad, int64_t numel) {
-  TORCH_CHECK(grad.is_contiguous() && grad.numel() == numel, "grad must be a contiguous vector of ", numel);
-  return make_tables(tables, rows_per_program, n, bits, grad.device());
+// A segment address table: int64 [S] on the tables' device.
+inline const int64_t* addresses(const torch::Tensor& addr, const Tables& t, const char* what, const torch::Device& dev) {
+  check_tensor(addr, at::kLong, what, dev);
+  TORCH_CHECK(addr.numel() == t.num_segments, what, " must hold one address per segment (", t.num_segments, ")");
+  return addr.data_ptr<int64_t>();
 }
 
-inline Tables expand_tables(const std::vector<torch::Tensor>& tables, int64_t rows_per_program, int64_t n,
-                            int64_t bits, const torch::Tensor& weights, const c10::optional<torch::Tensor>& comp,
-                            const torch::Tensor& delta, int64_t numel) {
-  TORCH_CHECK(weights.is_contiguous() && weights.numel() == numel, "weights must be a contiguous vector of ", numel);
-  Tables t = make_tables(tables, rows_per_program, n, bits, weights.device());
-  check_tensor(delta, at::kFloat, "delta", weights.device());
-  TORCH_CHECK(delta.numel() == t.num_layers * n, "delta must be [L, n]");
-  if (comp.has_value()) {
-    check_tensor(*comp, at::kBFloat16, "compensation", weights.device());
-    TORCH_CHECK(comp->numel() == numel, "compensation must match the weights");
+inline DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "twa kernels: unsupported dtype ", s, " (fp32, bf16, fp16)");
   }
-  return t;
+}
+
+// [L, n] and [L] float32 operands of expand.
+inline void check_fold(const torch::Tensor& u, const torch::Tensor& s, const Tables& t, const torch::Device& dev) {
+  check_tensor(u, at::kFloat, "u", dev);
+  check_tensor(s, at::kFloat, "s", dev);
+  TORCH_CHECK(u.numel() == t.num_layers * t.n && s.numel() == t.num_layers, "u must be [L, n] and s [L]");
 }
 
 // The torch a module was compiled against (set by extension_sources.py), so that the loader can tell a

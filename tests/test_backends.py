@@ -7,6 +7,7 @@ import twa_kernels as twa
 from backend_cases import EDGE_SIZES, exact_vectors, expand_bound, project_bound, random_projection
 from reference import batches, make_checkpoints, make_model
 from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends.contract import Segments
 from twa_kernels.backends.torch_ref import TorchEngine
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -25,18 +26,18 @@ def kernel_backends():
 BACKENDS = kernel_backends()
 
 
-def engines(proj, backend, device):
+def engines(proj, backend, device, segments=None):
     """The backend under test at default tiles, and with small tiles (many programs per layer); for
     cpp also its vectorised kernel on small runs and its portable kernel alone."""
-    out = [make_engine(proj, device, backend)]
+    out = [make_engine(proj, device, backend, segments=segments)]
     if backend == "triton":
         from twa_kernels.backends.triton_kernels import TritonEngine
-        out.append(TritonEngine(proj, torch.device(device), block_rows=16, rows_per_program=48))
+        out.append(TritonEngine(proj, torch.device(device), segments, block_rows=16, rows_per_program=48))
     else:
         from twa_kernels.backends.extension import ExtensionEngine
-        out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=48, vectorized=False))
+        out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=48, vectorized=False))
         if device == "cpu":
-            out.append(ExtensionEngine(proj, torch.device(device), rows_per_program=cpp_small_run(proj)))
+            out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=cpp_small_run(proj)))
     return out
 
 
@@ -201,3 +202,84 @@ def test_cpp_falls_back_to_portable_where_vectors_do_not_fit():
     proj = random_projection(EDGE_SIZES, 17, 1, seed=1)  # 32 rows per period: 48 is no multiple
     assert load().period_rows(17, 1) == 32
     assert not ExtensionEngine(proj, torch.device("cpu"), rows_per_program=48).vectorized
+
+
+# Layer 2 (1000 rows) cut at rows 1, 334 and 999: segments that start inside their layer at rows whose
+# codes start mid-word, a one-row segment at each end; the other layers are one segment each.
+SEGMENT_CUT = (1, 33, 1, 333, 665, 1, 7, 2500)
+
+
+def scattered(flat, segments):
+    """The flat vector as one separate allocation per segment (what a model's parameters are)."""
+    return [part.clone() for part in flat.split(list(segments.sizes))]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [3, 17, 60])
+def test_segment_lists_give_the_flat_vectors_bits(backend, device, bits, n):
+    """Kernels read each segment through its address: separate tensors, segments starting at any row
+    of a layer, give exactly what the reference gives on one flat vector (dyadic inputs)."""
+    proj = random_projection(EDGE_SIZES, n, bits, seed=bits * 31 + n, dyadic=True)
+    segments = Segments.cut(proj.layout, SEGMENT_CUT)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    g, delta, w = exact_vectors(proj.layout.numel, proj.layout.num_layers, n)
+    c_ref = ref.project(g)
+    w_ref = w.clone()
+    ref.expand(w_ref, delta)
+    for eng in engines(proj, backend, device, segments):
+        assert torch.equal(eng.project(scattered(g.to(device), segments)).cpu(), c_ref)
+        parts = scattered(w.to(device), segments)
+        eng.expand(parts, delta.to(device))
+        assert torch.equal(torch.cat(parts).cpu(), w_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_segment_lists_with_compensation(backend, device):
+    proj = random_projection(EDGE_SIZES, 9, 4, seed=5, dyadic=True)
+    segments = Segments.cut(proj.layout, SEGMENT_CUT)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    _, delta, w = exact_vectors(proj.layout.numel, len(EDGE_SIZES), 9)
+    w_half = (w * 1.01).to(torch.bfloat16)
+    w_ref, comp_ref = w_half.clone(), torch.zeros_like(w_half)
+    parts = scattered(w_half.to(device), segments)
+    comps = [torch.zeros_like(p) for p in parts]
+    eng = make_engine(proj, device, backend, segments=segments)
+    for k in range(3):
+        d = delta * (k + 1) / 4
+        ref.expand(w_ref, d, comp_ref)
+        eng.expand(parts, d.to(device), comps)
+    assert torch.equal(torch.cat(parts).cpu(), w_ref) and torch.equal(torch.cat(comps).cpu(), comp_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_addresses_follow_tensors_that_moved(backend, device):
+    """The address table is cached; a call with tensors elsewhere (a model moved or replaced its
+    .data) reads the new ones, never the old."""
+    proj = random_projection(EDGE_SIZES, 5, 4, seed=2, dyadic=True)
+    ref = TorchEngine(proj, torch.device("cpu"))
+    eng = make_engine(proj, device, backend)
+    g, _, _ = exact_vectors(proj.layout.numel, len(EDGE_SIZES), 5)
+    parts = scattered(g.to(device), Segments.per_layer(proj.layout))
+    assert torch.equal(eng.project(parts).cpu(), ref.project(g))
+    moved = [p.clone() * 2 for p in parts]
+    assert torch.equal(eng.project(moved).cpu(), ref.project(2 * g))
+    assert torch.equal(eng.project(parts).cpu(), ref.project(g))
+
+
+def test_segment_errors_name_the_problem():
+    proj = random_projection((4, 6), 3, 4, seed=0)
+    with pytest.raises(ValueError, match="straddle layers 0 and 1"):
+        Segments.cut(proj.layout, (3, 3, 4))
+    with pytest.raises(ValueError, match="cover 9 elements, the layers 10"):
+        Segments.cut(proj.layout, (4, 5))
+    eng = make_engine(proj, "cpu", "torch")
+    with pytest.raises(ValueError, match="expected 2 segment tensors"):
+        eng.project([torch.zeros(10)])
+    kernel = make_engine(proj, "cpu", "auto")
+    with pytest.raises(ValueError, match="segment 1 must be a contiguous tensor of 6 elements"):
+        kernel.project([torch.zeros(4), torch.zeros(5)])
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernel.project([torch.zeros(4), torch.zeros(3, 2).t()])
+    with pytest.raises(ValueError, match="one dtype for all"):
+        kernel.project([torch.zeros(4), torch.zeros(6, dtype=torch.bfloat16)])

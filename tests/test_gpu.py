@@ -82,3 +82,37 @@ def test_optimizer_step_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert not torch.equal(before, opt.beta)
     assert int(opt.state_dict()["twa"]["step"]) == steps_before + 1
+
+
+def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
+    """The offline compile (tests/triton_aot.py, no GPU) produces the very cubin a launch on this GPU
+    compiles, so SASS read offline is the SASS that runs."""
+    _gpu_backend("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from twa_kernels.backends.triton_kernels import TritonEngine
+    sys.path.insert(0, str(Path(__file__).parent))
+    from triton_aot import N, SIZES
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TWA_AOT_DUMP=str(tmp_path), TRITON_DEFAULT_FP_FUSION=env.get("TRITON_DEFAULT_FP_FUSION", "1"))
+    subprocess.run([sys.executable, str(root / "tests" / "triton_aot.py"), str(arch)], cwd=root, env=env, check=True,
+                   capture_output=True)
+    eng = TritonEngine(random_projection(SIZES, N, 4), torch.device("cuda"))
+    g = torch.randn(sum(SIZES), device="cuda")
+    eng.project(g)
+    eng.expand(g.clone(), torch.zeros(len(SIZES), N, device="cuda"))
+    addresses, _ = eng._grad_addr(g)
+    t, gsum = torch.empty(len(SIZES), N, device="cuda"), torch.empty(len(SIZES), device="cuda")
+    project = eng.project_launches(addresses, torch.float32, t, gsum)[0]
+    (expand,) = eng.expand_launches(addresses, torch.float32, None, gsum)
+    for name, launch in (("project_4-bit_float32", project), ("expand_4-bit_float32", expand)):
+        launched = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constants)  # the launch's cache entry
+        offline = (tmp_path / f"sm{arch}_{name}.cubin").read_bytes()
+        assert launched.asm["cubin"] == offline, name

@@ -1,60 +1,119 @@
 """Compile every Triton kernel variant for real GPUs ahead of time, with no GPU present (Triton ships
-ptxas). Run as a script with TRITON_INTERPRET unset: ``python tests/triton_aot.py 90 80``."""
+ptxas), exactly as a launch compiles it.
+
+The kernels are compiled through :meth:`triton.JITFunction.warmup` with the engine's own launches
+(:meth:`TritonEngine.project_launches` / :meth:`TritonEngine.expand_launches`: the objects
+``project()`` and ``expand()`` run), so the signature, the constants and the specialization (which
+pointers are 16-byte aligned, which integers divisible by 16) are the launch's own, not a hand-written
+copy. A stand-in driver tells Triton which GPU to compile for; nothing is launched.
+
+Run as a script with TRITON_INTERPRET unset: ``python tests/triton_aot.py 90 80``; ``TWA_AOT_DUMP=dir``
+also writes the cubins (for ``cuobjdump --dump-sass``).
+"""
+
+from __future__ import annotations
 
 import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
+import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime import driver  # noqa: E402
 
 from twa_kernels.backends import triton_kernels as tk  # noqa: E402
+from twa_kernels.testing import random_projection  # noqa: E402
 
-TABLES = {"prog_layer_ptr": "*i64", "prog_row_ptr": "*i64", "word_off_ptr": "*i64", "param_off_ptr": "*i64",
-          "size_ptr": "*i64"}
-DT = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+# A layer of 4096 + 7 rows (several programs, a partial tile) and a one-row layer; n = 60 as in the
+# paper's Table 13.
+SIZES, N = (4096 * 40 + 7, 1), 60
 
 
-def _expand_sig(dt, comp, scalars, consts):
-    return {"words_ptr": "*i32", "w_ptr": DT[dt], "comp_ptr": "*bf16" if comp else DT[dt], "u_ptr": "*fp32",
-            "s_ptr": "*fp32", **TABLES, **scalars, **{k: "constexpr" for k in consts}}
+class CompileOnlyDriver:
+    """What ``JITFunction.run(warmup=True)`` asks of the active driver, for a GPU that is not here."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
 
 
 def variants():
+    """(name, launch) for every kernel variant the engine launches: each bit width in fp32, 4 bits in
+    bf16 and fp16, expand with and without Kahan compensation, and the ordered reduction."""
     for bits in (1, 2, 4, 8):
-        per_word = 32 // bits
-        for dt in (("fp32", "bf16", "fp16") if bits == 4 else ("fp32",)):
-            consts = {"BITS": bits, "SLOTS": 8, "N_PAD": 8 * per_word,
-                      "BLOCK_R": max(1, 4096 // (8 * per_word)), "ROWS": 8 * max(1, 4096 // (8 * per_word))}
-            scalars = {"num_words": "i64", "n": "i32", "n_slots": "i32", "n_windows": "i32"}
-            sig = {"words_ptr": "*i32", "grad_ptr": DT[dt], **TABLES, "part_t_ptr": "*fp32",
-                   "part_g_ptr": "*fp32", **scalars, **{k: "constexpr" for k in consts}}
-            yield f"project {bits}-bit {dt}", tk._slots_project_kernel, sig, consts
+        eng = tk.TritonEngine(random_projection(SIZES, N, bits), torch.device("cpu"))
+        L = len(SIZES)
+        t, gsum = torch.empty(L, N), torch.empty(L)
+        addresses = torch.zeros(len(SIZES), dtype=torch.int64)
+        s = torch.zeros(L)
+        for dtype in ((torch.float32, torch.bfloat16, torch.float16) if bits == 4 else (torch.float32,)):
+            dt = str(dtype).split(".")[-1]
+            project, reduce = eng.project_launches(addresses, dtype, t, gsum)
+            yield f"project {bits}-bit {dt}", project
+            if bits == 4 and dtype == torch.float32:
+                yield "reduce", reduce
             for comp in (False, True):
-                c = dict(consts, HAS_COMP=comp)
-                if comp or dt == "fp32":
-                    sig = _expand_sig(dt, comp, scalars, c)
-                    yield f"expand {bits}-bit {dt}{' +kahan' if comp else ''}", tk._slots_expand_kernel, sig, c
-    sig = {"part_t_ptr": "*fp32", "part_g_ptr": "*fp32", "layer_prog_ptr": "*i64", "scale_ptr": "*fp32",
-           "zero_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "N_PAD": "constexpr", "N_P2": "constexpr"}
-    yield "reduce", tk._project_reduce_kernel, sig, {"N_PAD": 64, "N_P2": 64}
+                if comp or dtype == torch.float32:
+                    (launch,) = eng.expand_launches(addresses, dtype, addresses if comp else None, s)
+                    yield f"expand {bits}-bit {dt}{' +kahan' if comp else ''}", launch
+
+
+def compile_launch(launch, arch: int):
+    """The kernel a launch of ``launch`` compiles on an sm_``arch`` GPU."""
+    driver.set_active(CompileOnlyDriver(arch))
+    launch.kernel.device_caches.clear()  # the binder keeps the target it was made for
+    return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constants)
+
+
+def tensor_arguments(launch) -> list[int]:
+    return [i for i, a in enumerate(launch.args) if isinstance(a, torch.Tensor)]
+
+
+def check_specialization(arch: int) -> int:
+    """Every variant compiles with the launch's specialization: each tensor argument (torch allocates
+    them 16-byte aligned, on the CPU as on a GPU) is marked 16-divisible, and the same launch made
+    again with fresh tensors finds the compiled kernel under the launch's own cache key."""
+    count = 0
+    for name, launch in variants():
+        kernel = compile_launch(launch, arch)
+        attrs = {k[0]: v for k, v in kernel.src.attrs.items()}
+        for i in tensor_arguments(launch):
+            assert ["tt.divisibility", 16] in attrs.get(i, []), (name, i, attrs)
+        fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in launch.args]
+        again = launch.kernel.warmup(*fresh, grid=launch.grid, **launch.constants)
+        assert again is kernel, f"{name}: a launch with equal arguments would compile again"
+        count += 1
+    return count
 
 
 def main(archs, dump=None):
     for arch in archs:
-        for name, fn, sig, consts in variants():
-            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                    target=GPUTarget("cuda", int(arch), 32))
-            assert len(kernel.asm["cubin"]) > 0, name
-            print(f"sm_{arch} {name}: cubin {len(kernel.asm['cubin'])} bytes")
+        for name, launch in variants():
+            kernel = compile_launch(launch, int(arch))
+            cubin = kernel.asm["cubin"]
+            assert len(cubin) > 0, name
+            print(f"sm_{arch} {name}: cubin {len(cubin)} bytes")
             if dump:  # cubins for cuobjdump/nvdisasm (Triton ships both)
                 os.makedirs(dump, exist_ok=True)
                 with open(os.path.join(dump, f"sm{arch}_{name.replace(' ', '_')}.cubin"), "wb") as f:
-                    f.write(kernel.asm["cubin"])
+                    f.write(cubin)
 
 
 if __name__ == "__main__":
-    dump = os.environ.get("TWA_AOT_DUMP")
-    main(sys.argv[1:] or ["90"], dump)
+    if sys.argv[1:2] == ["--check"]:
+        for arch in sys.argv[2:] or ["90"]:
+            print(f"sm_{arch}: {check_specialization(int(arch))} variants compiled with the launch's specialization")
+    else:
+        main(sys.argv[1:] or ["90"], os.environ.get("TWA_AOT_DUMP"))

@@ -2,10 +2,11 @@
 
 An *engine* holds P̃ on one device and offers two operations over all layers at once:
 
-* ``project(grad) -> c``: c[l] = P̃^lᵀ grad^l, ``[L, n]`` in float32 (float64 for float64 grads);
+* ``project(grads) -> c``: c[l] = P̃^lᵀ grad^l, ``[L, n]`` in float32 (float64 for float64 grads);
 * ``expand(weights, delta, compensation=None)``: weights^l += P̃^l delta[l], in place.
 
-``grad`` and ``weights`` are flat vectors of all parameters in layer order. The backends form one
+``grads`` and ``weights`` are the parameters' own tensors, as a list of segments in layer order, or one
+flat vector of all layers (:mod:`.contract`: the kernel contract every packed backend shares). The backends form one
 registry (:data:`REGISTRY`): each names the devices it runs on, how to tell whether it runs here (a
 probe that says why not, and the command that fixes it), and how to make its engine.
 
@@ -33,6 +34,7 @@ import torch
 
 from ..packing import PackedProjection
 from . import extension
+from .contract import Segments
 from .dense import DenseEngine
 from .torch_ref import TorchEngine
 
@@ -52,7 +54,7 @@ class Backend:
     name: str
     devices: tuple[str, ...]
     probe: Callable[[torch.device], Availability]
-    factory: Callable[[PackedProjection, torch.device], object]
+    factory: Callable[[PackedProjection, torch.device, Segments | None], object]
     summary: str
 
 
@@ -82,18 +84,18 @@ def _extension_probe(kind: str):
     return probe
 
 
-def _triton_engine(projection, device):
-    from .triton_kernels import TritonEngine
+def _triton_engine(projection, device, segments):
+    from .triton_kernels import TritonEngine  # imports triton, which reads TRITON_INTERPRET once
 
-    return TritonEngine(projection, device)
-
-
-def _extension_engine(projection, device):
-    return extension.ExtensionEngine(projection, device)
+    return TritonEngine(projection, device, segments)
 
 
-def _torch_engine(projection, device):
-    return TorchEngine(projection, device)
+def _extension_engine(projection, device, segments):
+    return extension.ExtensionEngine(projection, device, segments)
+
+
+def _torch_engine(projection, device, segments):
+    return TorchEngine(projection, device, segments)
 
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
@@ -161,20 +163,22 @@ def resolve_backend(backend: str, device) -> str:
     return backend
 
 
-def make_engine(projection: PackedProjection, device, backend: str = "auto", dtype=None):
-    """The engine for parameters of ``dtype`` on ``device``. The kernels compute in fp32: float64
-    parameters get the reference under "auto" and an error from an explicit kernel backend."""
+def make_engine(projection: PackedProjection, device, backend: str = "auto", dtype=None,
+                segments: Segments | None = None):
+    """The engine for parameters of ``dtype`` on ``device``, cut into ``segments`` (default: one per
+    layer). The kernels compute in fp32: float64 parameters get the reference under "auto" and an error
+    from an explicit kernel backend."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if projection.layout.bits is None:
-        return DenseEngine(projection, device)
+        return DenseEngine(projection, device, segments)
     if dtype == torch.float64 and backend == "auto":
-        return _torch_engine(projection, device)
+        return _torch_engine(projection, device, segments)
     name = resolve_backend(backend, device)  # an explicit backend that cannot run here is reported first
     if dtype == torch.float64 and name != "torch":
         raise ValueError(f"backend {backend!r} computes in fp32; float64 parameters need backend='torch'")
-    return REGISTRY[name].factory(projection, device)
+    return REGISTRY[name].factory(projection, device, segments)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 
 from ..packing import PackedProjection
 from . import extension_sources as src
-from .blocks import BlockTable
+from .contract import PackedEngine, Segments
 
 try:
     import fcntl
@@ -210,35 +210,27 @@ def default_rows_per_program(module, n: int, bits: int, device: torch.device) ->
     return -(-rows // (4 * period)) * 4 * period
 
 
-class ExtensionEngine:
-    """``vectorized=False`` keeps the cpp backend on its portable kernels (tests run both)."""
+class ExtensionEngine(PackedEngine):
+    """The cpp or cuda backend: the kernels of the extension module for the device.
+    ``vectorized=False`` keeps the cpp backend on its portable kernels (tests run both)."""
 
-    def __init__(self, projection: PackedProjection, device: torch.device, rows_per_program: int | None = None,
-                 vectorized: bool = True):
+    def __init__(self, projection: PackedProjection, device: torch.device, segments: Segments | None = None,
+                 rows_per_program: int | None = None, vectorized: bool = True):
+        device = torch.device(device)
         kind = "cuda" if device.type == "cuda" else "cpu"
         self.module = load(kind)
         if self.module is None:
             raise RuntimeError(f"the twa_kernels {kind} extension is unavailable: {status(kind).reason}")
         self.name = "cuda" if kind == "cuda" else "cpp"
         lay = projection.layout
-        self.layout = lay
-        self.rows = rows_per_program or default_rows_per_program(self.module, lay.n, lay.bits, device)
+        rows = rows_per_program or default_rows_per_program(self.module, lay.n, lay.bits, device)
+        super().__init__(projection, device, segments, rows)
         # Which CPU kernel runs (the rule is the extension's own: CPU, n and program alignment).
-        self.vectorized = bool(vectorized and kind == "cpu"
-                               and self.module.cpu_vector_kernel_fits(lay.n, lay.bits, self.rows))
-        table = BlockTable(lay.sizes, self.rows, device)
-        self.tables = [
-            projection.words.to(device), lay.word_offsets[:-1].to(device), lay.param_offsets[:-1].to(device),
-            torch.tensor(lay.sizes, dtype=torch.int64, device=device), table.prog_layer, table.prog_row,
-            table.layer_prog, projection.scale.to(device).contiguous(), projection.zero.to(device).contiguous(),
-        ]
+        self.vectorized = bool(vectorized and kind == "cpu" and self.module.cpu_vector_kernel_fits(lay.n, lay.bits, rows))
         self._cpu_args = (self.vectorized,) if kind == "cpu" else ()
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.module.project(self.tables, self.rows, self.layout.n, self.layout.bits, grad,
-                                   self.layout.numel, *self._cpu_args)
+    def _project_codes(self, addresses, dtype):
+        return self.module.project(self.tables, addresses, dtype, *self._cpu_args)
 
-    def expand(self, weights: torch.Tensor, delta: torch.Tensor,
-               compensation: torch.Tensor | None = None) -> None:
-        self.module.expand(self.tables, self.rows, self.layout.n, self.layout.bits, weights, compensation,
-                           delta.to(torch.float32).contiguous(), self.layout.numel, *self._cpu_args)
+    def _expand_codes(self, addresses, dtype, comp_addresses, u, s):
+        self.module.expand(self.tables, addresses, dtype, comp_addresses, u, s, *self._cpu_args)

@@ -2,7 +2,8 @@
 
 Everything else is tested against this. It never holds more than ``chunk_codes`` dequantized floats
 at a time, whatever D is, and accumulates in float32 (float64 when the model is float64, which lets
-tests compare against the equations at fp64 precision).
+tests compare against the equations at fp64 precision). It takes the same vectors as the kernel
+engines: a flat vector of every layer, or the list of segment tensors (:mod:`.contract`).
 """
 
 from __future__ import annotations
@@ -10,38 +11,42 @@ from __future__ import annotations
 import torch
 
 from ..packing import PackedProjection
+from .contract import Segments, split_segments
 from .numerics import accumulation_dtype, apply_update
 
 
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, projection: PackedProjection, device: torch.device, chunk_codes: int = 1 << 21):
+    def __init__(self, projection: PackedProjection, device: torch.device, segments: Segments | None = None,
+                 chunk_codes: int = 1 << 21):
         self.proj = projection.to(device)
         self.layout = projection.layout
-        self.offsets = self.layout.param_offsets.tolist()
+        self.segments = segments if segments is not None else Segments.per_layer(self.layout)
         self.chunk_rows = max(1, chunk_codes // self.layout.n)
 
     def _chunks(self):
-        for l, size in enumerate(self.layout.sizes):
-            base = self.offsets[l]
+        """(segment, layer, first row inside the layer, first row inside the segment, rows)."""
+        seg = self.segments
+        for i, (size, layer, row) in enumerate(zip(seg.sizes, seg.layer, seg.row)):
             for r0 in range(0, size, self.chunk_rows):
-                yield l, base, r0, min(size, r0 + self.chunk_rows)
+                yield i, layer, row + r0, r0, min(self.chunk_rows, size - r0)
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
-        acc = accumulation_dtype(grad.dtype)
-        out = torch.zeros(self.layout.num_layers, self.layout.n, dtype=acc, device=grad.device)
-        for l, base, r0, r1 in self._chunks():
-            p = self.proj.dequantize(l, r0, r1, acc)
-            out[l] += p.T @ grad[base + r0 : base + r1].to(acc)
+    def project(self, grads) -> torch.Tensor:
+        parts = split_segments(grads, self.segments)
+        acc = accumulation_dtype(parts[0].dtype)
+        out = torch.zeros(self.layout.num_layers, self.layout.n, dtype=acc, device=self.proj.device)
+        for i, layer, a, r0, rows in self._chunks():
+            p = self.proj.dequantize(layer, a, a + rows, acc)
+            out[layer] += p.T @ parts[i][r0:r0 + rows].to(acc)
         return out
 
-    def expand(self, weights: torch.Tensor, delta: torch.Tensor,
-               compensation: torch.Tensor | None = None) -> None:
-        acc = accumulation_dtype(weights.dtype)
+    def expand(self, weights, delta: torch.Tensor, compensation=None) -> None:
+        parts = split_segments(weights, self.segments)
+        comps = None if compensation is None else split_segments(compensation, self.segments)
+        acc = accumulation_dtype(parts[0].dtype)
         delta = delta.to(acc)
-        for l, base, r0, r1 in self._chunks():
-            p = self.proj.dequantize(l, r0, r1, acc)
-            sl = slice(base + r0, base + r1)
-            apply_update(weights[sl], p @ delta[l],
-                         None if compensation is None else compensation[sl])
+        for i, layer, a, r0, rows in self._chunks():
+            p = self.proj.dequantize(layer, a, a + rows, acc)
+            sl = slice(r0, r0 + rows)
+            apply_update(parts[i][sl], p @ delta[layer], None if comps is None else comps[i][sl])

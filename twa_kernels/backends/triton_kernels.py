@@ -1,24 +1,30 @@
-"""Fused Triton kernels: dequantize-and-project (P̃ᵀg) and dequantize-and-expand (w += P̃Δβ).
+"""Fused Triton kernels: dequantize-and-project (qᵀg) and dequantize-and-expand (w += q·u + s).
 
-Both read the packed codes directly (see :mod:`twa_kernels.packing`), for all layers in one launch:
+Both read the packed codes directly (see :mod:`twa_kernels.packing`), for all layers in one launch,
+over the tables of :mod:`twa_kernels.backends.contract` (the affine fold is the engine's, so the
+kernels see codes only):
 
-* The launch grid is a *block table* built once per engine: program ``i`` owns rows
-  ``[row0_i, row0_i + ROWS)`` of layer ``layer_i``; no program straddles two layers, so every program
-  knows its layer's offsets from two table loads.
+* Program ``i`` owns rows ``[prog_row_i, prog_row_i + ROWS)`` of segment ``prog_seg_i``; no program
+  straddles two segments, so three table loads give it its layer, its first row inside the layer and
+  the address of its gradients or weights (the parameters' own tensors, from an int64 address table).
 * Codes are unpacked in registers. A tile is ``[rows, slots, 32 / bits]``: slot ``s`` of a row is the
   32 bits that hold its columns ``[32s / bits, 32(s + 1) / bits)``, one funnel shift of two
   neighbouring words (a row may start at any bit), then compile-time shifts. A slot's columns are
-  the same on every tile, so P̃ᵀg accumulates per slot in registers with no per-code index math.
+  the same on every tile, so qᵀg accumulates per slot in registers with no per-code index math.
   Codes become floats as ``bits(0x4B000000 | q) − 2^23``, exact, and without the int→float unit
   (a quarter of the FMA rate). Wide rows (n·bits > 1024 at most) run in windows of slots.
 * ``project`` writes one partial ``qᵀg`` row (and ``Σg``) per program; a second launch reduces the
-  partials of each layer **in program order** and applies the affine dequantization
-  ``c = scale·(qᵀg) + zero·Σg``. No float atomics: the same inputs give the same bits every run.
-* ``expand`` folds the affine form in as ``Δw = q·(scale∘Δβ) + Σ zero∘Δβ`` and updates the weights in
-  place, with Kahan compensation for bf16/fp16 weights (same operation order as the torch reference).
+  partials of each layer **in program order**. No float atomics: the same inputs give the same bits
+  every run.
+* ``expand`` adds ``Δw = q·u + s`` (``u = scale∘Δβ``, ``s = Σ zero∘Δβ``) to the weights in place, with
+  Kahan compensation for bf16/fp16 weights (same operation order as the torch reference).
 * Offsets are int64 where they can pass 2^31 (a 1.3B × 60 × 4-bit P̃ is 39 GB), int32 inside a tile.
   Products are fp32 multiply-adds, never ``tl.dot`` (TF32 on GPUs; a gemv gains nothing from
   tensor cores).
+
+Every launch is described by :meth:`TritonEngine.project_launches` / :meth:`TritonEngine.expand_launches`
+(kernel, grid, arguments), which both the engine and the ahead-of-time compile
+(``tests/triton_aot.py``) use, so what is compiled offline is what a launch compiles.
 
 An earlier design fetched every code with its own gather load of its word: 2.6× slower on an H100
 (``benchmarks/results/kernel_variants_*_first.md``), from its per-code index arithmetic.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -40,13 +47,14 @@ except ImportError:  # the package works without triton (torch / C++ backends)
     AVAILABLE = False
 
 from ..packing import PackedProjection, codes_per_word
-from .blocks import BlockTable, next_pow2
+from .contract import PackedEngine, Segments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEFAULT_TILE_CODES = 4096
 DEFAULT_TILES_PER_PROGRAM = 32
 
 if AVAILABLE:
+    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
     def _round_to(y, dtype: tl.constexpr):
@@ -60,13 +68,17 @@ if AVAILABLE:
         return y.to(dtype)
 
     @triton.jit
-    def _program(prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS: tl.constexpr):
-        """This program's layer, its rows [row0, row_end), and the layer's word and element offsets."""
+    def _program(prog_seg_ptr, prog_row_ptr, seg_layer_ptr, seg_row_ptr, seg_size_ptr, word_off_ptr,
+                 ROWS: tl.constexpr):
+        """This program's segment and layer, its first row inside the segment, how many rows it has,
+        its first row inside the layer, and the layer's first word."""
         pid = tl.program_id(0).to(tl.int64)
-        layer = tl.load(prog_layer_ptr + pid)
+        seg = tl.load(prog_seg_ptr + pid)
         row0 = tl.load(prog_row_ptr + pid)
-        row_end = tl.minimum(tl.load(size_ptr + layer), row0 + ROWS)
-        return pid, layer, row0, row_end, tl.load(word_off_ptr + layer), tl.load(param_off_ptr + layer)
+        layer = tl.load(seg_layer_ptr + seg)
+        rows = tl.minimum(tl.load(seg_size_ptr + seg) - row0, ROWS)
+        layer_row0 = tl.load(seg_row_ptr + seg) + row0
+        return pid, seg, layer, row0, rows, layer_row0, tl.load(word_off_ptr + layer)
 
     @triton.jit
     def _code_to_float(q):
@@ -95,21 +107,23 @@ if AVAILABLE:
         return slots[:, None] * (32 // BITS) + tl.arange(0, 32 // BITS)[None, :]
 
     @triton.jit
-    def _row_bits(n, BITS: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Tile-relative row index, and each row's first word and bit shift. The engine makes
-        BLOCK_R·n·BITS a multiple of 32, so these are the same for every tile of rows."""
+    def _row_bits(n, layer_row0, BITS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Tile-relative row index, and each row's first word (from the tile's) and bit shift. The
+        engine makes BLOCK_R·n·BITS a multiple of 32, so these are the same for every tile of a
+        program; a segment may start at any row of its layer, hence the program's own bit offset."""
         i = tl.arange(0, BLOCK_R)
-        bit = i * (n * BITS)
+        bit = ((layer_row0 * n * BITS) & 31).to(tl.int32) + i * (n * BITS)
         return i, bit >> 5, (bit & 31).to(tl.uint64)[:, None, None]
 
     @triton.jit
-    def _slots_project_kernel(words_ptr, grad_ptr, prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr,
-                              size_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots, n_windows,
-                              BITS: tl.constexpr, SLOTS: tl.constexpr,
+    def _slots_project_kernel(words_ptr, grad_addr_ptr, prog_seg_ptr, prog_row_ptr, seg_layer_ptr, seg_row_ptr,
+                              seg_size_ptr, word_off_ptr, part_t_ptr, part_g_ptr, num_words, n, n_slots, n_windows,
+                              G_DTYPE: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
                               N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
-        pid, layer, row0, row_end, word_base, param_base = _program(
-            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
-        i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        pid, seg, layer, row0, rows, layer_row0, word_base = _program(
+            prog_seg_ptr, prog_row_ptr, seg_layer_ptr, seg_row_ptr, seg_size_ptr, word_off_ptr, ROWS)
+        grad_ptr = tl.load(grad_addr_ptr + seg).to(tl.pointer_type(G_DTYPE)) + row0
+        i, row_word, shift = _row_bits(n, layer_row0, BITS, BLOCK_R)
         gacc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for win in range(n_windows):
             slots = win * SLOTS + tl.arange(0, SLOTS)
@@ -117,9 +131,9 @@ if AVAILABLE:
             rel_word = row_word[:, None, None] + slots[None, :, None]
             acc = tl.zeros([BLOCK_R, SLOTS, 32 // BITS], dtype=tl.float32)
             for r in range(0, ROWS, BLOCK_R):
-                row_mask = i < (row_end - row0 - r).to(tl.int32)
-                g = tl.load(grad_ptr + param_base + row0 + r + i, mask=row_mask, other=0.0).to(tl.float32)
-                first_word = word_base + ((row0 + r) * n * BITS >> 5)
+                row_mask = i < (rows - r).to(tl.int32)
+                g = tl.load(grad_ptr + r + i, mask=row_mask, other=0.0).to(tl.float32)
+                first_word = word_base + ((layer_row0 + r) * n * BITS >> 5)
                 q = _slot_codes(words_ptr, num_words, first_word, rel_word, shift,
                                 row_mask[:, None, None] & slot_mask, BITS)
                 acc += q * g[:, None, None]
@@ -129,19 +143,23 @@ if AVAILABLE:
         tl.store(part_g_ptr + pid, tl.sum(gacc, axis=0))
 
     @triton.jit
-    def _slots_expand_kernel(words_ptr, w_ptr, comp_ptr, u_ptr, s_ptr, prog_layer_ptr, prog_row_ptr,
-                             word_off_ptr, param_off_ptr, size_ptr, num_words, n, n_slots, n_windows,
-                             BITS: tl.constexpr, SLOTS: tl.constexpr,
+    def _slots_expand_kernel(words_ptr, w_addr_ptr, comp_addr_ptr, u_ptr, s_ptr, prog_seg_ptr, prog_row_ptr,
+                             seg_layer_ptr, seg_row_ptr, seg_size_ptr, word_off_ptr, num_words, n, n_slots, n_windows,
+                             W_DTYPE: tl.constexpr, BITS: tl.constexpr, SLOTS: tl.constexpr,
                              N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
                              HAS_COMP: tl.constexpr):
-        pid, layer, row0, row_end, word_base, param_base = _program(
-            prog_layer_ptr, prog_row_ptr, word_off_ptr, param_off_ptr, size_ptr, ROWS)
-        i, row_word, shift = _row_bits(n, BITS, BLOCK_R)
+        pid, seg, layer, row0, rows, layer_row0, word_base = _program(
+            prog_seg_ptr, prog_row_ptr, seg_layer_ptr, seg_row_ptr, seg_size_ptr, word_off_ptr, ROWS)
+        w_ptr = tl.load(w_addr_ptr + seg).to(tl.pointer_type(W_DTYPE)) + row0
+        comp_ptr = w_ptr
+        if HAS_COMP:
+            comp_ptr = tl.load(comp_addr_ptr + seg).to(tl.pointer_type(tl.bfloat16)) + row0
+        i, row_word, shift = _row_bits(n, layer_row0, BITS, BLOCK_R)
         s = tl.load(s_ptr + layer)  # Σ_j zero_j Δβ_j
         for r in range(0, ROWS, BLOCK_R):
-            rows_left = i < (row_end - row0 - r).to(tl.int32)
+            rows_left = i < (rows - r).to(tl.int32)
             row_mask = rows_left[:, None, None]
-            first_word = word_base + ((row0 + r) * n * BITS >> 5)
+            first_word = word_base + ((layer_row0 + r) * n * BITS >> 5)
             dw = tl.zeros([BLOCK_R], dtype=tl.float32)
             for win in range(n_windows):
                 slots = win * SLOTS + tl.arange(0, SLOTS)
@@ -150,7 +168,7 @@ if AVAILABLE:
                 q = _slot_codes(words_ptr, num_words, first_word, row_word[:, None, None] + slots[None, :, None], shift,
                                 row_mask & (slots < n_slots)[None, :, None], BITS)
                 dw += tl.sum(tl.sum(q * u[None, :, :], axis=2), axis=1)
-            _update_weights(w_ptr, comp_ptr, param_base + row0 + r + i, rows_left, dw + s, HAS_COMP)
+            _update_weights(w_ptr, comp_ptr, r + i, rows_left, dw + s, HAS_COMP)
 
     @triton.jit
     def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
@@ -168,7 +186,7 @@ if AVAILABLE:
             tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, scale_ptr, zero_ptr, out_ptr, n,
+    def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, t_ptr, gsum_ptr, n,
                                N_PAD: tl.constexpr, N_P2: tl.constexpr):
         layer = tl.program_id(0).to(tl.int64)
         first = tl.load(layer_prog_ptr + layer)
@@ -180,37 +198,48 @@ if AVAILABLE:
         for p in range(first, last):  # fixed order: reproducible sums
             t += tl.load(part_t_ptr + p * N_PAD + cols, mask=col_mask, other=0.0)
             gsum += tl.load(part_g_ptr + p + tl.zeros([1], dtype=tl.int64))
-        scale = tl.load(scale_ptr + layer * n + cols, mask=col_mask, other=0.0)
-        zero = tl.load(zero_ptr + layer * n + cols, mask=col_mask, other=0.0)
-        c = scale * t + zero * tl.sum(gsum, axis=0)
-        tl.store(out_ptr + layer * n + cols, c, mask=col_mask)
+        tl.store(t_ptr + layer * n + cols, t, mask=col_mask)
+        tl.store(gsum_ptr + layer + tl.zeros([1], dtype=tl.int64), gsum)
 
 
-class TritonEngine:
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the engine makes it: ``kernel[grid](*args, **constants)``."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constants: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.constants)
+
+
+class TritonEngine(PackedEngine):
     """P̃ on one device and the two fused launches (plus the small ordered reduction of ``project``).
     ``tile_codes``, ``num_warps`` and ``tiles_per_program`` (or ``rows_per_program``) are the tuning
     knobs (``benchmarks/kernel_variants.py``); ``block_rows`` overrides the rows per tile."""
 
     name = "triton"
 
-    def __init__(self, projection: PackedProjection, device: torch.device, block_rows: int | None = None,
-                 rows_per_program: int | None = None, tile_codes: int | None = None, num_warps: int = 4,
-                 tiles_per_program: int | None = None):
+    def __init__(self, projection: PackedProjection, device: torch.device, segments: Segments | None = None,
+                 block_rows: int | None = None, rows_per_program: int | None = None, tile_codes: int | None = None,
+                 num_warps: int = 4, tiles_per_program: int | None = None):
         if not AVAILABLE:
             raise RuntimeError("triton is not installed")
         lay = projection.layout
-        self.layout, self.num_warps = lay, num_warps
+        self.num_warps = num_warps
         self.n, self.bits = lay.n, lay.bits
         per_word = codes_per_word(lay.bits)
         self.n_slots = -(-lay.n // per_word)
         self.slots = window_slots(self.n_slots)
         self.n_windows = -(-self.n_slots // self.slots)
         self.n_pad = self.n_windows * self.slots * per_word
-        self.n_p2 = max(16, next_pow2(lay.n))
+        self.n_p2 = max(16, 1 << max(0, (lay.n - 1).bit_length()))
         # Tiles of 4K codes on a GPU (measured best on an H100, kernel_variants); the CPU interpreter
         # runs one program at a time, so there fewer, larger programs are much faster.
         tile = tile_codes or (65536 if INTERPRET else DEFAULT_TILE_CODES)
-        block_rows = block_rows or next_pow2(max(1, tile // (self.slots * per_word)))
+        block_rows = block_rows or 1 << max(0, (max(1, tile // (self.slots * per_word)) - 1).bit_length())
         align = 32 // math.gcd(lay.n * lay.bits, 32)  # every tile starts on a word: BLOCK_R·n·bits ≡ 0 (mod 32)
         self.block_rows = -(-block_rows // align) * align
         if self.block_rows * lay.n * lay.bits >= 2**31:
@@ -218,56 +247,52 @@ class TritonEngine:
         tiles = tiles_per_program or (4 if INTERPRET else DEFAULT_TILES_PER_PROGRAM)
         rows = rows_per_program or self.block_rows * tiles
         self.rows = -(-rows // self.block_rows) * self.block_rows
-        self.words = projection.words.to(device)
-        self.scale = projection.scale.to(device).contiguous()
-        self.zero = projection.zero.to(device).contiguous()
-        self.word_off = lay.word_offsets.to(device)
-        self.param_off = lay.param_offsets[:-1].to(device)
-        self.sizes = torch.tensor(lay.sizes, dtype=torch.int64, device=device)
-        self.table = BlockTable(lay.sizes, self.rows, device)
-        P, L = self.table.num_programs, lay.num_layers
-        self.part_t = torch.empty(P, self.n_pad, dtype=torch.float32, device=device)
-        self.part_g = torch.empty(P, dtype=torch.float32, device=device)
-        self.u = torch.zeros(L, self.n_pad, dtype=torch.float32, device=device)
+        super().__init__(projection, device, segments, self.rows)
+        P, L = self.tables.num_programs, lay.num_layers
+        self.part_t = torch.empty(P, self.n_pad, dtype=torch.float32, device=self.device)
+        self.part_g = torch.empty(P, dtype=torch.float32, device=self.device)
+        self.u = torch.zeros(L, self.n_pad, dtype=torch.float32, device=self.device)
 
-    def _check(self, flat: torch.Tensor, what: str) -> None:
-        if flat.numel() != self.layout.numel or not flat.is_contiguous():
-            raise ValueError(f"{what} must be a contiguous flat vector of {self.layout.numel} elements")
-        if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"the triton backend computes in fp32 and takes fp32/bf16/fp16 {what}, "
-                             f"not {flat.dtype}; use backend='torch' for float64")
-
-    def _tables(self):
-        tb = self.table
-        return (tb.prog_layer, tb.prog_row, self.word_off, self.param_off, self.sizes)
+    def _geometry(self):
+        tb = self.tables
+        return (tb.prog_seg, tb.prog_row, tb.seg_layer, tb.seg_row, tb.seg_size, tb.word_off)
 
     def _scalars(self):
-        return (self.words.numel(), self.n, self.n_slots, self.n_windows)
+        return (self.tables.words.numel(), self.n, self.n_slots, self.n_windows)
 
     def _tiles(self):
         return dict(BITS=self.bits, SLOTS=self.slots, N_PAD=self.n_pad, BLOCK_R=self.block_rows, ROWS=self.rows,
                     num_warps=self.num_warps)
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
-        self._check(grad, "gradients")
-        out = torch.empty(self.layout.num_layers, self.n, dtype=torch.float32, device=grad.device)
-        _slots_project_kernel[(self.table.num_programs,)](
-            self.words, grad, *self._tables(), self.part_t, self.part_g, *self._scalars(), **self._tiles())
-        _project_reduce_kernel[(self.layout.num_layers,)](
-            self.part_t, self.part_g, self.table.layer_prog, self.scale, self.zero, out, self.n,
-            N_PAD=self.n_pad, N_P2=self.n_p2)
-        return out
+    def project_launches(self, addresses, dtype, t, gsum) -> list[Launch]:
+        tb = self.tables
+        return [
+            Launch(_slots_project_kernel, (tb.num_programs,),
+                   (tb.words, addresses, *self._geometry(), self.part_t, self.part_g, *self._scalars()),
+                   dict(G_DTYPE=TL_DTYPES[dtype], **self._tiles())),
+            Launch(_project_reduce_kernel, (self.layout.num_layers,),
+                   (self.part_t, self.part_g, tb.layer_prog, t, gsum, self.n), dict(N_PAD=self.n_pad, N_P2=self.n_p2)),
+        ]
 
-    def expand(self, weights: torch.Tensor, delta: torch.Tensor,
-               compensation: torch.Tensor | None = None) -> None:
-        self._check(weights, "weights")
-        delta = delta.to(torch.float32)
-        self.u[:, : self.n] = self.scale * delta
-        s = (self.zero * delta).sum(dim=1)
-        comp = weights if compensation is None else compensation
-        _slots_expand_kernel[(self.table.num_programs,)](
-            self.words, weights, comp, self.u, s, *self._tables(), *self._scalars(),
-            HAS_COMP=compensation is not None, **self._tiles())
+    def expand_launches(self, addresses, dtype, comp_addresses, s) -> list[Launch]:
+        tb = self.tables
+        comp = addresses if comp_addresses is None else comp_addresses
+        return [Launch(_slots_expand_kernel, (tb.num_programs,),
+                       (tb.words, addresses, comp, self.u, s, *self._geometry(), *self._scalars()),
+                       dict(W_DTYPE=TL_DTYPES[dtype], HAS_COMP=comp_addresses is not None, **self._tiles()))]
+
+    def _project_codes(self, addresses, dtype):
+        L = self.layout.num_layers
+        t = torch.empty(L, self.n, dtype=torch.float32, device=self.device)
+        gsum = torch.empty(L, dtype=torch.float32, device=self.device)
+        for launch in self.project_launches(addresses, dtype, t, gsum):
+            launch()
+        return t, gsum
+
+    def _expand_codes(self, addresses, dtype, comp_addresses, u, s):
+        self.u[:, : self.n] = u  # padded to whole windows of slots: the padding stays 0
+        for launch in self.expand_launches(addresses, dtype, comp_addresses, s):
+            launch()
 
 
 def window_slots(n_slots: int) -> int:
