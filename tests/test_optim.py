@@ -177,9 +177,6 @@ def test_param_groups_map_to_layers():
     ckpts = make_checkpoints(model, 4)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=None, progress=False)
     named = dict(model.named_parameters())
-    with pytest.raises(ValueError, match="named parameters"):
-        twa.ProjectedSGD([{"params": [named["fc1.weight"], named["fc2.weight"]], "lr": 0.0},
-                          {"params": [named["fc1.bias"], named["fc2.bias"], named["gain"]]}], space)
     groups = [{"params": [(k, named[k]) for k in ("fc1.weight", "fc2.weight")], "lr": 0.0},
               {"params": [(k, named[k]) for k in ("fc1.bias", "fc2.bias", "gain")], "lr": 0.5}]
     opt = twa.ProjectedSGD(groups, space, lr=0.1)
@@ -188,6 +185,15 @@ def test_param_groups_map_to_layers():
     beta = opt.beta
     for l, nm in enumerate(names):
         assert bool((beta[l] == 0).all()) == nm.endswith("weight"), nm
+    # The same grouping with plain tensors (a decay / no-decay split): bound by identity to the model the
+    # subspace was built from, it trains the same β.
+    plain_model = make_model()
+    plain_space = twa.Subspace.from_checkpoints(plain_model, ckpts, bits=None, progress=False)
+    p = dict(plain_model.named_parameters())
+    plain = twa.ProjectedSGD([{"params": [p["fc2.weight"], p["fc1.weight"]], "lr": 0.0},
+                              {"params": [p["gain"], p["fc2.bias"], p["fc1.bias"]], "lr": 0.5}], plain_space, lr=0.1)
+    run_steps(plain_model, plain, batches(3))
+    assert torch.equal(plain.beta, beta)
 
 
 def test_named_parameters_in_any_order():
@@ -228,7 +234,7 @@ def _drift_in_ulps(dtype, compensated):
     gen = torch.Generator().manual_seed(1)
     for _ in range(3000):
         for p in params:
-            p.grad.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.01).to(dtype)
         opt.step()
     beta = opt.beta.double()
     exact = torch.cat([space.center[s].double() + space.dense(l).double() @ beta[l]
@@ -262,6 +268,12 @@ class TestBadInput:
         self.model = make_model()
         self.ckpts = make_checkpoints(self.model, 4)
         self.space = twa.Subspace.from_checkpoints(self.model, self.ckpts, bits=4, progress=False)
+
+    def save_space(self):
+        import tempfile
+        path = tempfile.mktemp(suffix=".safetensors")
+        self.space.save(path)
+        return path
 
     def snapshot(self, opt=None):
         model = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -327,8 +339,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match="shape"):
             twa.ProjectedSGD(other.parameters(), self.space)
         assert all(torch.equal(snap[k], v) for k, v in other.state_dict().items())
-        with pytest.raises(ValueError, match="got 4 trainable parameters, the subspace was built for 5"):
+        with pytest.raises(ValueError, match="layer\\(s\\) of the subspace have no tensor .*'fc2.bias'"):
             twa.ProjectedSGD(list(self.model.parameters())[:4], self.space)
+        loaded = twa.Subspace.load(self.save_space(), model=None)
+        with pytest.raises(ValueError, match="got 4 trainable parameters, the subspace was built for 5"):
+            twa.ProjectedSGD(list(self.model.parameters())[:4], loaded)
         with pytest.raises(TypeError, match="Subspace"):
             twa.ProjectedSGD(self.model.parameters(), object())
 

@@ -4,7 +4,7 @@ A placement owns everything that differs between the modes, so that the optimize
 the subspace builder never branch on a mode:
 
 * which part of P̃ this rank holds (:meth:`Placement.layer_ranges`, :meth:`Placement.column_slice`) and
-  which weights it updates (:meth:`Placement.owned`);
+  which weights it updates (:meth:`Placement.owned`, the segments its engine is built for);
 * how c = P̃ᵀḡ is obtained from each rank's local gradient (:meth:`Placement.project`) and how
   w += P̃Δβ is applied and made consistent across ranks (:meth:`Placement.apply`);
 * how construction statistics are combined (:meth:`Placement.reduce`, :meth:`Placement.share_quantizer`);
@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+from .backends.contract import Segments
 from .backends.numerics import apply_update
 from .distributed import Communicator
 
@@ -53,13 +54,13 @@ class Placement:
     def column_slice(self, n: int) -> slice:
         return slice(0, n)
 
-    def padded_numel(self, numel: int) -> int:
-        """Length of the flat parameter and gradient buffers (collectives may need equal pieces)."""
-        return numel
+    def owned(self, binding) -> list[torch.Tensor]:
+        """The weights this rank updates, as the segments of its engine (:meth:`segments`)."""
+        return binding.weights()
 
-    def owned(self, flat) -> torch.Tensor:
-        """The weights this rank updates."""
-        return flat.data
+    def segments(self, layout, binding) -> Segments:
+        """How this rank's part of every layer (``layout``) is cut into the tensors of :meth:`owned`."""
+        return Segments.cut(layout, [t.numel() for t in self.owned(binding)])
 
     # ------------------------------------------------------------------ construction
     def reduce(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
@@ -97,18 +98,15 @@ class Placement:
     def check_backend(self, group, device: torch.device) -> None:
         """Raise the same clear error on every rank when the group's backend cannot run this mode."""
 
-    def update_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-        return None
-
-    def project(self, engine, flat, comm) -> torch.Tensor:
+    def project(self, engine, binding, comm) -> torch.Tensor:
         """c = P̃ᵀḡ for this rank's columns, ḡ the mean of the ranks' local gradients."""
-        return engine.project(flat.gathered_grad())
+        return engine.project(binding.grads())
 
-    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
+    def apply(self, engine, binding, delta, compensation, comm) -> None:
         """w += P̃ Δβ on every rank."""
-        engine.expand(self.owned(flat), delta, compensation)
+        engine.expand(self.owned(binding), delta, compensation)
 
-    def synchronize(self, flat, comm) -> None:
+    def synchronize(self, binding, comm) -> None:
         """Make every rank's weights equal after this rank wrote its own part (:meth:`owned`)."""
 
     def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
@@ -184,8 +182,8 @@ class Replicate(_Distributed):
 
     mode: ClassVar[str] = "replicate"
 
-    def project(self, engine, flat, comm) -> torch.Tensor:
-        c = engine.project(flat.gathered_grad())
+    def project(self, engine, binding, comm) -> torch.Tensor:
+        c = engine.project(binding.grads())
         comm.all_reduce_mean(c)
         return c
 
@@ -209,11 +207,8 @@ class Rows(_Distributed):
             start += size
         return out
 
-    def padded_numel(self, numel: int) -> int:
-        return max(numel, self.padded)
-
-    def owned(self, flat) -> torch.Tensor:
-        return flat.data[self.row_start:self.row_stop]
+    def owned(self, binding) -> list[torch.Tensor]:
+        return binding.pieces(self.row_start, self.row_stop)
 
     def reduce(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
         t = tensor.to(collective_device(group))
@@ -221,23 +216,27 @@ class Rows(_Distributed):
                         group=group)
         return t.cpu()
 
-    def project(self, engine, flat, comm) -> torch.Tensor:
-        grad = flat.gathered_grad()
-        chunk = self.padded // self.world_size
-        mine = torch.empty(chunk, dtype=grad.dtype, device=grad.device)
-        comm.reduce_scatter_mean(mine, flat.padded_grad)
+    def project(self, engine, binding, comm) -> torch.Tensor:
+        # reduce-scatter needs the gradients as one vector of k equal pieces
+        flat = binding.gather_grads(binding.buffer("grad", self.padded))
+        mine = binding.buffer("grad_mine", self.padded // self.world_size)
+        comm.reduce_scatter_mean(mine, flat)
         c = engine.project(mine[: self.row_stop - self.row_start])
         comm.all_reduce(c)
         return c
 
-    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
-        engine.expand(self.owned(flat), delta, compensation)
-        self.synchronize(flat, comm)
+    def apply(self, engine, binding, delta, compensation, comm) -> None:
+        engine.expand(self.owned(binding), delta, compensation)
+        self.synchronize(binding, comm)
 
-    def synchronize(self, flat, comm) -> None:
-        chunk = self.padded // self.world_size
-        mine = flat.padded_data[self.rank * chunk:(self.rank + 1) * chunk].clone()
-        comm.all_gather(flat.padded_data, mine)
+    def synchronize(self, binding, comm) -> None:
+        mine = binding.buffer("weights_mine", self.padded // self.world_size)
+        owned = self.owned(binding)
+        if owned:
+            torch.cat([t.reshape(-1) for t in owned], out=mine[: self.row_stop - self.row_start])
+        flat = binding.buffer("weights", self.padded)
+        comm.all_gather(flat, mine)
+        binding.scatter_weights(flat)
 
 
 @dataclass(frozen=True)
@@ -262,20 +261,21 @@ class Columns(_Distributed):
             dist.all_reduce(mine, group=group)
             t.copy_(mine.cpu())
 
-    def update_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-        # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.
-        return torch.zeros(numel, dtype=dtype, device=device)
-
-    def project(self, engine, flat, comm) -> torch.Tensor:
-        grad = flat.gathered_grad()
+    def project(self, engine, binding, comm) -> torch.Tensor:
+        grad = binding.gather_grads(binding.buffer("grad", binding.numel))
         comm.all_reduce_mean(grad)
         return engine.project(grad)
 
-    def apply(self, engine, flat, delta, compensation, comm, buffer) -> None:
-        buffer.zero_()
-        engine.expand(buffer, delta)
-        comm.all_reduce(buffer)
-        apply_update(flat.data, buffer, compensation)
+    def apply(self, engine, binding, delta, compensation, comm) -> None:
+        # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.
+        update = binding.buffer("update", binding.numel, torch.float64 if binding.dtype == torch.float64
+                                else torch.float32)
+        update.zero_()
+        engine.expand(update, delta)
+        comm.all_reduce(update)
+        comps = [None] * len(binding.sizes) if compensation is None else compensation.split(binding.sizes)
+        for w, dw, comp in zip(binding.weights(), update.split(binding.sizes), comps):
+            apply_update(w.view(-1), dw, comp)
 
     def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
         per = -(-n // self.world_size)

@@ -9,6 +9,7 @@ otherwise), which gives the averaging weights in closed form: w̄ + Pβ = Σ α_
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,7 @@ class Subspace:
         self.global_scale = projection.scale if global_scale is None else global_scale
         self.global_zero = projection.zero if global_zero is None else global_zero
         self.fingerprint = storage.fingerprint(self)
+        self._model = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -92,8 +94,39 @@ class Subspace:
         # construction makes Subspace values: imported here so the module dependency runs one way
         from .construction import Builder
 
-        return Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
-                       process_group).build()
+        space = Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
+                        process_group).build()
+        return space.bind(model)
+
+    # ------------------------------------------------------------------ binding to a model
+    def bind(self, model: torch.nn.Module) -> "Subspace":
+        """Tie the layers to ``model``'s parameters by name, so that an optimizer takes that model's
+        tensors in any grouping and order, and follows them when ``load_state_dict(..., assign=True)``
+        replaces them. A subspace built from a model is bound to it; a loaded one binds with
+        ``Subspace.load(path, model=model)``. Only a weak reference to the model is kept."""
+        params = dict(trainable_parameters(model))
+        missing = [nm for nm in self.names if nm not in params]
+        if missing:
+            raise ValueError(f"the model lacks {len(missing)} parameter(s) of the subspace: "
+                             f"{', '.join(map(repr, missing[:5]))}")
+        for nm, shape in zip(self.names, self.shapes):
+            if tuple(params[nm].shape) != tuple(shape):
+                raise ValueError(f"parameter {nm!r}: the model's has shape {tuple(params[nm].shape)}, the "
+                                 f"subspace's {tuple(shape)}")
+        extra = [nm for nm in params if nm not in set(self.names)]
+        if extra:
+            raise ValueError(f"the model has trainable parameter(s) the subspace does not: "
+                             f"{', '.join(map(repr, extra[:5]))} (freeze them, or build the subspace with them)")
+        self._model = weakref.ref(model)
+        return self
+
+    def bound_model(self) -> torch.nn.Module | None:
+        return None if self._model is None else self._model()
+
+    def bound_parameters(self) -> dict | None:
+        """name -> the bound model's parameter now, or None when the subspace is bound to no live model."""
+        model = self.bound_model()
+        return None if model is None else dict(model.named_parameters())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,7 +228,9 @@ class Subspace:
         storage.save(self, path)
 
     @classmethod
-    def load(cls, path, process_group=None) -> "Subspace":
-        """Load a subspace file; a sharded one only on the rank (of the world size) it was saved by."""
-        return storage.load(cls, path, process_group)
+    def load(cls, path, process_group=None, model: torch.nn.Module | None = None) -> "Subspace":
+        """Load a subspace file; a sharded one only on the rank (of the world size) it was saved by.
+        With ``model``, the layers bind to its parameters by name (see :meth:`bind`)."""
+        space = storage.load(cls, path, process_group)
+        return space if model is None else space.bind(model)
 

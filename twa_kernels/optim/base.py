@@ -3,20 +3,25 @@
 Per step: c = P̃ᵀg for every layer (one ``project``), the base optimizer's rule on β with gradient c
 (vectorised over all layers: no per-layer Python on the hot path), then w += P̃Δβ in place (one
 ``expand``). β, its buffers and the step count are tensors on the parameters' device, so the whole
-step can be captured in a CUDA graph with ``nonfinite="skip"``.
+step can be captured in a CUDA graph with ``nonfinite="skip"`` (``capturable=True``).
+
+The parameters stay the user's tensors (:mod:`.binding`): the kernels read them and their gradients
+by address, and when the model moved or was cast after the optimizer was made, the next step follows
+it (P̃, β and the optimizer state go where the parameters went).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from ..backends import make_engine
 from ..subspace import Subspace
-from .flat import FlatParameters
+from .binding import ParameterBinding, bind_parameters
 
 INIT_MODES = ("center", "last")
 NONFINITE_MODES = ("raise", "skip")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _split_named(params):
@@ -36,66 +41,68 @@ def _split_named(params):
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_buffer_names`` and ``_rule``."""
+    """Base class: subclasses define ``_buffer_names`` and ``_rule``.
+
+    torch.optim's flags: ``maximize`` is honoured; ``foreach`` and ``fused`` are accepted (the rule is one
+    set of tensor operations over all layers and the projection is fused whatever they say);
+    ``capturable=True`` means a step with no host synchronisation, so it implies ``nonfinite="skip"``;
+    ``differentiable=True`` is refused (the step is not differentiable through the kernels)."""
 
     _buffer_names: tuple[str, ...] = ()
 
     def __init__(self, params, space: Subspace, defaults: dict, *, backend: str = "auto",
-                 init: str = "center", nonfinite: str = "raise"):
+                 init: str = "center", nonfinite: str | None = None, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
         if not isinstance(space, Subspace):
             raise TypeError(f"space must be a twa_kernels.Subspace, got {type(space).__name__}")
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported: the projected step runs fused kernels "
+                             "that autograd does not differentiate through")
+        if nonfinite is None:
+            nonfinite = "skip" if capturable else "raise"
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if capturable and nonfinite == "raise":
+            raise ValueError("capturable=True needs nonfinite='skip': raising on a NaN/Inf gradient needs a host sync")
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors, e.g. model.parameters()")
         params = list(params)
         items = [(t, nm) for t, nm in _split_named(params) if t.requires_grad]
         # Everything is checked before the model is touched.
-        ordered = self._match_to_space(items, space)
-        devices = sorted({str(p.device) for p in ordered})
-        if len(devices) > 1:
-            raise ValueError(f"parameters are on different devices ({', '.join(devices)}); "
-                             "TWA keeps all trainable parameters on one device per process")
-        dtypes = sorted({str(p.dtype) for p in ordered})
-        if len(dtypes) > 1:
-            raise ValueError(f"parameters have mixed dtypes ({', '.join(dtypes)}); use one dtype")
-        if ordered[0].dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"unsupported parameter dtype {ordered[0].dtype}")
-        device = ordered[0].device
-        placement = space.placement
-        placement.check_backend(space.process_group, device)
-        engine = make_engine(space.projection, device, backend, dtype=ordered[0].dtype)
+        ordered = bind_parameters(items, space.names, space.shapes, space.bound_parameters())
+        binding = ParameterBinding(ordered, space.names)
+        space.placement.check_backend(space.process_group, binding.device)
+        self._backend_request = backend
+        engine = self._make_engine(space, binding)
 
+        defaults = dict(defaults, foreach=foreach, fused=fused, capturable=capturable, differentiable=False)
         super().__init__(params, defaults)
-        self._group_rows = self._layers_per_group(ordered, space)
+        self._groups_fixed = True
         self.space = space
-        self.backend = engine.name
+        self._binding = binding
         self._engine = engine
+        self.backend = engine.name
         self._nonfinite = nonfinite
-        self._placement = placement
-        self._comm = placement.communicator(space.process_group)
-        self._flat = FlatParameters(ordered, placement.padded_numel(sum(p.numel() for p in ordered)))
-        acc = torch.float64 if ordered[0].dtype == torch.float64 else torch.float32
+        self._placement = space.placement
+        self._comm = self._placement.communicator(space.process_group)
+        acc = torch.float64 if binding.dtype == torch.float64 else torch.float32
+        device = binding.device
         # β of the columns this rank holds (all of them unless column-sharded)
         shape = (space.num_layers, space.projection.layout.n)
         self._beta = torch.zeros(shape, dtype=acc, device=device)
-        self._step = torch.zeros((), dtype=torch.float32 if acc == torch.float32 else acc, device=device)
+        self._step = torch.zeros((), dtype=acc, device=device)
         self._buffers = {name: torch.zeros(shape, dtype=acc, device=device) for name in self._buffer_names}
-        low_precision = ordered[0].dtype in (torch.bfloat16, torch.float16)
-        # Kahan residue of the rounded weights (of this rank's rows when row-sharded). bf16 for fp16
-        # weights too: the residue of a small fp16 weight lies in fp16's subnormal range, while bf16
-        # has fp32's exponent range.
-        self._compensation = (torch.zeros(placement.owned(self._flat).numel(), dtype=torch.bfloat16, device=device)
-                              if low_precision else None)
-        self._update_buffer = placement.update_buffer(self._flat.numel, acc, device)
+        self._compensation = self._new_compensation()
+        self._group_rows = self._layers_per_group(ordered, space)
         beta0 = None
         if init == "last":
             onehot = torch.zeros(space.n, dtype=torch.float64)
             onehot[-1] = 1.0
-            beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, placement.column_slice(space.n)]
+            beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, self._placement.column_slice(space.n)]
         self._place(beta0)
+        self._follow_replaced_parameters(space)
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -104,27 +111,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if value < 0.0:
                 raise ValueError(f"invalid {name.replace('_', ' ')}: {value}")
 
-    @staticmethod
-    def _match_to_space(items, space):
-        if len(items) != len(space.names):
-            raise ValueError(f"the optimizer got {len(items)} trainable parameters, the subspace was "
-                             f"built for {len(space.names)}")
-        if all(nm is not None for _, nm in items):
-            by_name = {nm: t for t, nm in items}
-            unknown = [nm for nm in by_name if nm not in set(space.names)]
-            if unknown:
-                raise ValueError(f"parameters not in the subspace: {', '.join(unknown[:5])}")
-            ordered = [by_name[nm] for nm in space.names]
-        else:
-            ordered = [t for t, _ in items]
-        for t, nm, shape in zip(ordered, space.names, space.shapes):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"parameter {nm!r}: the model's has shape {tuple(t.shape)}, the "
-                                 f"subspace's {tuple(shape)} (pass parameters in model order, or pass named parameters, e.g. "
-                                 f"model.named_parameters(), in any order)")
-        if len({id(t) for t in ordered}) != len(ordered):
-            raise ValueError("a parameter appears more than once")
-        return ordered
+    def _make_engine(self, space, binding):
+        layout = space.projection.layout
+        return make_engine(space.projection, binding.device, self._backend_request, dtype=binding.dtype,
+                           segments=space.placement.segments(layout, binding))
+
+    def _new_compensation(self):
+        """Kahan residue of the rounded weights this rank updates, for bf16/fp16 weights. bf16 for fp16
+        weights too: the residue of a small fp16 weight lies in fp16's subnormal range, while bf16 has
+        fp32's exponent range."""
+        if self._binding.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        owned = sum(t.numel() for t in self._placement.owned(self._binding))
+        return torch.zeros(owned, dtype=torch.bfloat16, device=self._binding.device)
 
     def _layers_per_group(self, ordered, space):
         """Per param group: the β rows (layers) it owns, as a slice when contiguous."""
@@ -142,19 +141,86 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 rows.append(torch.tensor(idx, dtype=torch.long, device=ordered[0].device))
         return rows
 
+    def add_param_group(self, param_group) -> None:
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError("a projected optimizer trains the layers its subspace was built for: parameters cannot "
+                             "be added (build a subspace that includes them, and a new optimizer)")
+        super().add_param_group(param_group)
+
+    def _follow_replaced_parameters(self, space) -> None:
+        """When the subspace is bound to a model, ``model.load_state_dict(..., assign=True)`` replaces its
+        Parameter objects: the next step then takes the model's new ones (by name)."""
+        model = space.bound_model()
+        if model is None:
+            return
+        self._replaced = False
+        me = weakref.ref(self)
+
+        def mark(module, incompatible_keys):
+            opt = me()
+            if opt is not None:
+                opt._replaced = True
+
+        self._hook = model.register_load_state_dict_post_hook(mark)
+
+    def _rebind(self) -> None:
+        """Take the bound model's current parameters for every layer (they were replaced)."""
+        self._replaced = False
+        current = self.space.bound_parameters()
+        if current is None:
+            return
+        new = [current.get(nm) for nm in self.space.names]
+        lost = [nm for nm, t in zip(self.space.names, new) if t is None]
+        if lost:
+            raise ValueError(f"the model no longer has parameter(s) {', '.join(map(repr, lost[:5]))} of the subspace")
+        old_to_new = {id(o): t for o, t in zip(self._binding.params, new) if o is not t}
+        if not old_to_new:
+            return
+        for group in self.param_groups:
+            group["params"] = [old_to_new.get(id(p), p) for p in group["params"]]
+        self._binding.replace(new)
+
+    def _follow(self) -> None:
+        """After a storage changed: where the parameters went, P̃, β and the state go (O(L) when nothing
+        moved)."""
+        if getattr(self, "_replaced", False):
+            self._rebind()
+        old_device, old_dtype = self._binding.device, self._binding.dtype
+        if not self._binding.moved():
+            return
+        device, dtype = self._binding.device, self._binding.dtype
+        if (device, dtype) == (old_device, old_dtype):
+            return  # e.g. a replaced p.data on the same device: the new addresses are read as they are
+        self._placement.check_backend(self.space.process_group, device)
+        self._engine = self._make_engine(self.space, self._binding)
+        self.backend = self._engine.name
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self._beta = self._beta.to(device, acc)
+        self._step = self._step.to(device, acc)
+        self._buffers = {k: v.to(device, acc) for k, v in self._buffers.items()}
+        self._group_rows = [r.to(device) if isinstance(r, torch.Tensor) else r for r in self._group_rows]
+        if dtype == old_dtype:
+            if self._compensation is not None:
+                self._compensation = self._compensation.to(device)
+        else:
+            # A cast rounded the weights: put them back at w̄ + P̃β in the new precision (and its residue).
+            self._compensation = self._new_compensation()
+            self._place(self._beta.clone())
+
     def _apply_delta(self, delta) -> None:
         """weights += P̃ Δβ, with whatever communication the placement needs."""
-        self._placement.apply(self._engine, self._flat, delta, self._compensation, self._comm,
-                              self._update_buffer)
+        self._placement.apply(self._engine, self._binding, delta, self._compensation, self._comm)
 
+    @torch.no_grad()
     def _place(self, beta) -> None:
         """weights = w̄ + P̃ β (β = 0 when None), compensation set so bf16 weights carry w̄ exactly."""
-        owned = self._placement.owned(self._flat)
-        center = self.space.center.to(owned.device)
-        owned.copy_(center)
+        owned = self._placement.owned(self._binding)
+        center = self.space.center.to(self._binding.device)
+        parts = center.split([t.numel() for t in owned])
+        torch._foreach_copy_([t.view(-1) for t in owned], list(parts))
         if self._compensation is not None:
-            self._compensation.copy_(center - owned.float())
-        self._placement.synchronize(self._flat, self._comm)
+            self._compensation.copy_(center - torch.cat([t.reshape(-1) for t in owned]).float())
+        self._placement.synchronize(self._binding, self._comm)
         if beta is not None:
             self._apply_delta(beta)
             self._beta.copy_(beta)
@@ -188,17 +254,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """Set the weights to exactly w̄ + P̃β (e.g. after loading only the optimizer's state)."""
         self._place(self._beta.clone())
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        # The gradients are views of one flat buffer; zeroing it keeps them attached.
-        self._flat.zero_grad()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        c = self._placement.project(self._engine, self._flat, self._comm)
+        self._follow()
+        if not self._binding.any_grad():
+            if closure is not None and loss is None:
+                return None  # the closure skipped its backward (Lightning's "return None"): nothing to do
+            raise RuntimeError(
+                "no parameter of the subspace has a gradient: call loss.backward() before opt.step(). If the "
+                "model's parameters were replaced (a new module, or load_state_dict(..., assign=True) on a "
+                "submodule), this optimizer still holds the old ones: make a new optimizer")
+        c = self._placement.project(self._engine, self._binding, self._comm)
         finite = torch.isfinite(c).all()
         if self._nonfinite == "raise":
             if not bool(finite):

@@ -11,22 +11,29 @@ class ProjectedSGD(ProjectedOptimizer):
         d = c + λβ;  buf = μ·buf + (1 − τ)·d (buf = d at the first step);  d = d + μ·buf (Nesterov) or buf
         β ← β − η·d;  w ← w + P̃Δβ
 
-    Args mirror ``torch.optim.SGD``; ``space`` is the :class:`~twa_kernels.Subspace`; ``backend``,
-    ``init`` ("center" puts the model at w̄, "last" at the last checkpoint) and ``nonfinite`` ("raise",
-    or "skip" to drop a step with a NaN/Inf gradient without a host sync) are TWA's own.
+    Args mirror ``torch.optim.SGD`` (``foreach``, ``fused``, ``capturable``, ``differentiable``: see
+    :class:`~twa_kernels.optim.ProjectedOptimizer`); ``params`` are the model's trainable parameters in
+    any grouping and order (plain tensors bind by identity to the model the subspace was built from or
+    bound to, named ones by name); ``space`` is the :class:`~twa_kernels.Subspace`; ``backend``, ``init``
+    ("center" puts the model at w̄, "last" at the last checkpoint) and ``nonfinite`` ("raise", or "skip"
+    to drop a step with a NaN/Inf gradient without a host sync; the default with ``capturable=True``)
+    are TWA's own. A parameter whose ``.grad`` is None contributes a zero gradient to its layer.
     """
 
     _buffer_names = ("momentum_buffer",)
 
     def __init__(self, params, space, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 backend: str = "auto", init: str = "center", nonfinite: str = "raise"):
+                 backend: str = "auto", init: str = "center", nonfinite: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False):
         self._check_nonnegative(learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite)
+        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
 
     def _rule(self, group, rows, c):
         beta = self._beta[rows]
