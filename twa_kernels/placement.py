@@ -109,6 +109,11 @@ class Placement:
     def synchronize(self, binding, comm) -> None:
         """Make every rank's weights equal after this rank wrote its own part (:meth:`owned`)."""
 
+    def point(self, engine, binding, center, beta, comm) -> torch.Tensor:
+        """w̄ + P̃β of the weights this rank updates, in fp32, from its centre (consumed); weights untouched."""
+        engine.expand(center, beta)
+        return center
+
     def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
         """β of every column, [L, n], from this rank's columns (a collective where columns are split)."""
         return beta.detach().clone()
@@ -276,6 +281,12 @@ class Columns(_Distributed):
         comps = [None] * len(binding.sizes) if compensation is None else compensation.split(binding.sizes)
         for w, dw, comp in zip(binding.weights(), update.split(binding.sizes), comps):
             apply_update(w.view(-1), dw, comp)
+
+    def point(self, engine, binding, center, beta, comm) -> torch.Tensor:
+        update = torch.zeros_like(center)
+        engine.expand(update, beta)
+        comm.all_reduce(update)
+        return center.add_(update)
 
     def gather_beta(self, beta: torch.Tensor, n: int, group) -> torch.Tensor:
         per = -(-n // self.world_size)

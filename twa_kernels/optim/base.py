@@ -203,9 +203,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if self._compensation is not None:
                 self._compensation = self._compensation.to(device)
         else:
-            # A cast rounded the weights: put them back at w̄ + P̃β in the new precision (and its residue).
+            # The weights are left as the cast made them; bf16/fp16 weights get the residue that makes
+            # (weight, residue) carry w̄ + P̃β again.
             self._compensation = self._new_compensation()
-            self._place(self._beta.clone())
+            if self._compensation is not None:
+                self._compensation.copy_(self._exact_point() - torch.cat(
+                    [t.reshape(-1) for t in self._placement.owned(self._binding)]).float())
+
+    @torch.no_grad()
+    def _exact_point(self) -> torch.Tensor:
+        """fp32 w̄ + P̃β of the weights this rank updates, computed aside (the weights are not touched)."""
+        center = self.space.center.to(self._binding.device, torch.float32, copy=True)  # the point is built in it
+        return self._placement.point(self._engine, self._binding, center, self._beta, self._comm)
 
     def _apply_delta(self, delta) -> None:
         """weights += P̃ Δβ, with whatever communication the placement needs."""
