@@ -1,7 +1,9 @@
 """The averaging baselines TWA is compared against, as functions over checkpoints.
 
-Checkpoints are state_dicts or paths (``.pt`` loaded with ``weights_only=True``, ``.safetensors``),
-read one at a time, so averaging many large checkpoints needs the memory of two. Floating-point
+Checkpoints are anything :mod:`twa_kernels.checkpoints` reads (state_dicts, ``.pt`` / ``.bin`` /
+``.ckpt`` files loaded with ``weights_only=True``, ``.safetensors``, sharded indexes, Hugging Face and
+``torch.distributed.checkpoint`` directories; wrappers unwrapped by the same rule), read one at a time,
+so averaging many large checkpoints needs the memory of two. Floating-point
 entries are averaged in float64 and returned in their own dtype; integer entries (BatchNorm's
 ``num_batches_tracked``) are taken from the last checkpoint. Averaged BatchNorm statistics do not
 match averaged weights: recompute them with :func:`update_bn`.
@@ -9,71 +11,72 @@ match averaged weights: recompute them with :func:`update_bn`.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from .checkpoints import open_source
+from .checkpoints import label, load_state_dict, open_checkpoint
 
-__all__ = ["swa", "ema", "lawa", "greedy_soup", "update_bn", "load_state_dict"]
-
-
-def load_state_dict(checkpoint) -> dict[str, torch.Tensor]:
-    """A whole state_dict from a mapping or a file (never running code from the file)."""
-    if isinstance(checkpoint, Mapping):
-        return dict(checkpoint)
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise TypeError(f"expected a state_dict or a path, got {type(checkpoint).__name__}")
-    source = open_source(checkpoint, [])
-    return {k: source.rows(k, 0, None).reshape(source.shape(k)) for k in source.keys()}
+__all__ = ["swa", "ema", "lawa", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean"]
 
 
-def _weighted_mean(checkpoints: Sequence, weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=None, trusted: bool = False,
+                  progress: bool | None = False) -> dict[str, torch.Tensor]:
+    """Σ_i weights[i] · checkpoint_i for every floating-point entry (in float64, returned in the entry's
+    own dtype); integer entries from the last checkpoint. Checkpoints are read one tensor at a time."""
     if len(checkpoints) == 0:
         raise ValueError("no checkpoints to average")
     if len(weights) != len(checkpoints):
         raise ValueError("one weight per checkpoint")
-    acc: dict[str, torch.Tensor] = {}
-    ref: dict[str, torch.Tensor] = {}
-    for i, (ck, wt) in enumerate(zip(checkpoints, weights)):
-        sd = load_state_dict(ck)
-        if i == 0:
-            ref = {k: v for k, v in sd.items()}
-            acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in sd.items() if v.is_floating_point()}
-        elif set(sd) != set(ref):
-            raise ValueError(f"checkpoint {i} has other keys than checkpoint 0")
-        for k, v in sd.items():
-            if v.shape != ref[k].shape:
-                raise ValueError(f"checkpoint {i}: {k!r} has shape {tuple(v.shape)}, checkpoint 0 {tuple(ref[k].shape)}")
-            if k in acc:
-                if not torch.isfinite(v).all():
-                    raise ValueError(f"checkpoint {i}: {k!r} contains NaN or Inf")
-                acc[k] += wt * v.detach().to("cpu", torch.float64)
-            else:
-                ref[k] = v  # integer entries: keep the last checkpoint's
-    return {k: (acc[k].to(ref[k].dtype) if k in acc else ref[k].clone()) for k in ref}
+    sources = [open_checkpoint(ck, key_map=key_map, trusted=trusted, where=label(ck, i))
+               for i, ck in enumerate(checkpoints)]
+    first = sources[0]
+    keys = list(first.keys())
+    for source in sources[1:]:
+        if set(source.keys()) != set(keys):
+            extra = sorted(set(source.keys()) ^ set(keys))[:3]
+            raise ValueError(f"{source.label} has other keys than {first.label} (e.g. {', '.join(map(repr, extra))})")
+        for k in keys:
+            if source.shape(k) != first.shape(k):
+                raise ValueError(f"{source.label}: {k!r} has shape {source.shape(k)}, {first.label} {first.shape(k)}")
+    out = {}
+    for k in tqdm(keys, desc="averaging", unit="tensor", disable=(None if progress is None else not progress)):
+        dtype = first.dtype(k)
+        if not dtype.is_floating_point:
+            out[k] = sources[-1].tensor(k).clone()  # integer entries: keep the last checkpoint's
+            continue
+        acc = torch.zeros(first.shape(k), dtype=torch.float64)
+        for source, wt in zip(sources, weights):
+            v = source.tensor(k)
+            if not torch.isfinite(v).all():
+                raise ValueError(f"{source.label}: {k!r} contains NaN or Inf")
+            acc += wt * v.detach().to("cpu", torch.float64)
+        out[k] = acc.to(dtype)
+    return out
 
 
-def swa(checkpoints: Sequence) -> dict[str, torch.Tensor]:
-    """Uniform average (Stochastic Weight Averaging over the given checkpoints)."""
-    return _weighted_mean(checkpoints, [1.0 / len(checkpoints)] * len(checkpoints))
+
+def swa(checkpoints: Sequence, **read) -> dict[str, torch.Tensor]:
+    """Uniform average (Stochastic Weight Averaging over the given checkpoints). ``read``: ``key_map``,
+    ``trusted``, ``progress`` as for :func:`weighted_mean`."""
+    return weighted_mean(checkpoints, [1.0 / len(checkpoints)] * len(checkpoints), **read)
 
 
-def ema(checkpoints: Sequence, gamma: float) -> dict[str, torch.Tensor]:
+def ema(checkpoints: Sequence, gamma: float, **read) -> dict[str, torch.Tensor]:
     """Exponential moving average in checkpoint order: m ← γ m + (1 − γ) w_i, starting at w_0."""
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
     k = len(checkpoints)
     weights = [gamma ** (k - 1)] + [(1 - gamma) * gamma ** (k - 1 - i) for i in range(1, k)]
-    return _weighted_mean(checkpoints, weights)
+    return weighted_mean(checkpoints, weights, **read)
 
 
-def lawa(checkpoints: Sequence, k: int) -> dict[str, torch.Tensor]:
+def lawa(checkpoints: Sequence, k: int, **read) -> dict[str, torch.Tensor]:
     """Latest weight averaging: the uniform mean of the last ``k`` checkpoints."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    return swa(list(checkpoints)[-k:])
+    return swa(list(checkpoints)[-k:], **read)
 
 
 def greedy_soup(model: torch.nn.Module, checkpoints: Sequence, evaluate: Callable[[torch.nn.Module], float],

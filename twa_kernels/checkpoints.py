@@ -1,9 +1,34 @@
-"""Reading checkpoints safely and in slices.
+"""One reader for every checkpoint the subspace builder, the baselines and the command line take.
 
-A checkpoint is a state_dict (a mapping of names to tensors) or a path to one: ``.safetensors`` files
-are opened with safetensors, anything else with ``torch.load(weights_only=True, mmap=True)``, so
-loading never runs code and a slice of a tensor reads only the pages it touches. That lets a subspace
-be built from many checkpoints that together are far larger than memory.
+A checkpoint is any of:
+
+* a state_dict in memory (a mapping of names to tensors);
+* a ``.safetensors`` file (read row range by row range with ``pread``);
+* a ``.pt`` / ``.pth`` / ``.bin`` / ``.pth.tar`` / Lightning ``.ckpt`` file, loaded with
+  ``torch.load(weights_only=True, mmap=True)``, so loading never runs code and a slice reads only the
+  pages it touches;
+* a sharded index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``): each shard is
+  opened when one of its tensors is first read;
+* a Hugging Face checkpoint directory (``checkpoint-500/``: ``model.safetensors``, its index, or
+  ``pytorch_model.bin`` and its index, in that order);
+* a ``torch.distributed.checkpoint`` directory (it holds ``.metadata``): tensors are read one at a time.
+
+**Wrappers.** A file whose top level is not a state_dict (``{"epoch": 3, "model": sd, "optimizer": ...}``,
+Lightning's ``{"state_dict": sd, ...}``) is unwrapped: the first of ``state_dict``, ``model_state_dict``,
+``model``, ``module``, ``ema`` that holds tensors is taken.
+
+**Names: one rule.** When the reader knows the names it wants (a model's parameters), a checkpoint key
+``k`` stands for the name ``k`` itself if every wanted name is there; otherwise for ``k`` with one
+prefix chain made of ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and ``model.`` (Lightning)
+stripped, if exactly one such chain yields every wanted name — two chains that both would is an
+error, never a guess. Without wanted names (``twa average``, ``twa build``), a chain is stripped only
+when every key carries it. ``key_map`` (a mapping from checkpoint key to name, or a function) is
+applied first, for everything else.
+
+**Safety.** A pickle that needs code to load (it names a class outside torch's weights-only allowlist,
+such as an ``argparse.Namespace`` in a timm checkpoint) is refused with an error naming the file and
+the class; ``trusted=True`` is the explicit opt-in (``torch.load(weights_only=False)``, which runs code
+from the file). Every error names the file (or the checkpoint's position) and the key.
 """
 
 from __future__ import annotations
@@ -12,25 +37,55 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import pickle
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-
-
-def _label(source, index: int) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return f"checkpoint {index} ({os.fspath(source)})"
-    return f"checkpoint {index}"
-
-
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema")
+PREFIXES = ("module.", "_orig_mod.", "model.")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class _SafetensorsSource:
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file (or position) and key."""
+
+
+def label(checkpoint, index: int | None = None) -> str:
+    where = "checkpoint" if index is None else f"checkpoint {index}"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return f"{where} ({os.fspath(checkpoint)})"
+    return where
+
+
+# ---------------------------------------------------------------------------------------------- sources
+class Source:
+    """Tensors of one checkpoint by name: ``keys``, ``shape``, ``dtype``, and ``rows`` (a dim-0 slice)."""
+
+    label = "checkpoint"
+
+    def keys(self):
+        raise NotImplementedError  # pragma: no cover
+
+    def shape(self, name) -> tuple[int, ...]:
+        raise NotImplementedError  # pragma: no cover
+
+    def dtype(self, name) -> torch.dtype:
+        raise NotImplementedError  # pragma: no cover
+
+    def rows(self, name, start, stop) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (``stop=None``: to the end); a 0-d tensor as one row."""
+        raise NotImplementedError  # pragma: no cover
+
+    def tensor(self, name) -> torch.Tensor:
+        return self.rows(name, 0, None).reshape(self.shape(name))
+
+
+class SafetensorsSource(Source):
     """Rows of a tensor in a .safetensors file read with one ``pread`` each.
 
     safetensors' own loader memory-maps the file; for checkpoint sets larger than memory, page-faulting
@@ -39,26 +94,30 @@ class _SafetensorsSource:
     JSON of dtype, shape and byte offsets) and checked against the file size."""
 
     def __init__(self, path: str):
+        self.label = path
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError(f"{path} is not a safetensors file (too short)")
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
             n = int.from_bytes(head, "little")
             if n > size - 8:
-                raise ValueError(f"{path} is not a safetensors file (header length {n} past the end)")
-            header = json.loads(f.read(n))
+                raise CheckpointError(f"{path} is not a safetensors file (header length {n} past the end)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{path} is not a safetensors file (header: {err})") from None
         self._path = path
         self._base = 8 + n
         self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, info in self._meta.items():
             dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
             begin, end = info["data_offsets"]
             expected = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
             if end - begin != expected or self._base + end > size:
-                raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets (corrupt file?)")
+                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets (truncated or corrupt file?)")
         self._fd = os.open(path, os.O_RDONLY)
 
     def __del__(self):
@@ -71,6 +130,9 @@ class _SafetensorsSource:
 
     def shape(self, name):
         return tuple(self._meta[name]["shape"])
+
+    def dtype(self, name):
+        return _SAFETENSORS_DTYPES[self._meta[name]["dtype"]]
 
     def rows(self, name, start, stop):
         info = self._meta[name]
@@ -86,92 +148,312 @@ class _SafetensorsSource:
         offset = self._base + info["data_offsets"][0] + start * inner * itemsize
         got = os.preadv(self._fd, [buf], offset) if nbytes else 0
         if got != nbytes:
-            raise ValueError(f"{self._path}: short read of tensor {name!r}")
+            raise CheckpointError(f"{self._path}: short read of tensor {name!r} (truncated file?)")
         return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:]) if nbytes else \
             torch.empty(0, *shape[1:], dtype=dtype)
 
 
-class _MappingSource:
-    def __init__(self, mapping: Mapping):
+class MappingSource(Source):
+    """A state_dict in memory (or one a torch file unpickled into, memory-mapped)."""
+
+    def __init__(self, mapping: Mapping, where: str = "checkpoint"):
         self._map = mapping
+        self.label = where
 
     def keys(self):
         return self._map.keys()
 
-    def shape(self, name):
+    def _get(self, name) -> torch.Tensor:
         value = self._map[name]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"entry {name!r} is a {type(value).__name__}, not a tensor")
-        return tuple(value.shape)
+            raise CheckpointError(f"{self.label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        return value
+
+    def shape(self, name):
+        return tuple(self._get(name).shape)
+
+    def dtype(self, name):
+        return self._get(name).dtype
 
     def rows(self, name, start, stop):
-        value = self._map[name]
+        value = self._get(name).detach()
         return value[start:stop] if value.dim() else value.reshape(1)
 
 
-def _unwrap(obj, names):
-    """Accept ``{"state_dict": sd, ...}`` wrappers and DDP's ``module.`` prefix."""
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
-    if names and names[0] not in obj:
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping) and names[0] in obj[key]:
-                return _unwrap(obj[key], names)
-        if names and all(k.startswith("module.") for k in obj.keys()) and f"module.{names[0]}" in obj:
-            return {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+class ShardedSource(Source):
+    """A sharded checkpoint: an index JSON whose ``weight_map`` names the shard file of every tensor."""
 
-
-def open_source(checkpoint, names):
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint file at {path}")
-        if path.endswith(".safetensors"):
-            return _SafetensorsSource(path)
+    def __init__(self, index_path: str, trusted: bool = False):
+        self.label = index_path
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with open(index_path) as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path}: not a sharded-checkpoint index ({err})") from None
+        folder = os.path.dirname(index_path)
+        self._shard_of = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        missing = sorted({p for p in self._shard_of.values() if not os.path.isfile(p)})
+        if missing:
+            raise CheckpointError(f"{index_path} names shard(s) that do not exist: {', '.join(missing[:3])}")
+        self._trusted = trusted
+        self._open: dict[str, Source] = {}
+
+    def _shard(self, name) -> Source:
+        path = self._shard_of[name]
+        if path not in self._open:
+            self._open[path] = open_file(path, self._trusted)
+        source = self._open[path]
+        if name not in source.keys():
+            raise CheckpointError(f"{self.label}: the index puts {name!r} in {path}, which does not hold it")
+        return source
+
+    def keys(self):
+        return self._shard_of.keys()
+
+    def shape(self, name):
+        return self._shard(name).shape(name)
+
+    def dtype(self, name):
+        return self._shard(name).dtype(name)
+
+    def rows(self, name, start, stop):
+        return self._shard(name).rows(name, start, stop)
+
+
+class DistributedCheckpointSource(Source):
+    """A ``torch.distributed.checkpoint`` directory, read one whole tensor at a time (the format keeps
+    tensors as chunks of the ranks that saved them); the last tensor read is kept for its next rows."""
+
+    def __init__(self, path: str):
+        from torch.distributed import checkpoint as dcp  # imported only for such a directory
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.label = path
+        self._dcp = dcp
+        try:
+            metadata = dcp.FileSystemReader(path).read_metadata()
+        except Exception as err:  # the reader's own errors vary by torch version
+            raise CheckpointError(f"{path}: unreadable torch.distributed.checkpoint metadata ({err})") from None
+        self._meta = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def keys(self):
+        return self._meta.keys()
+
+    def shape(self, name):
+        return tuple(self._meta[name].size)
+
+    def dtype(self, name):
+        return self._meta[name].properties.dtype
+
+    def tensor(self, name):
+        if self._cached is None or self._cached[0] != name:
+            out = {name: torch.empty(self.shape(name), dtype=self.dtype(name))}
+            self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(self.label))
+            self._cached = (name, out[name])
+        return self._cached[1]
+
+    def rows(self, name, start, stop):
+        value = self.tensor(name)
+        return value[start:stop] if value.dim() else value.reshape(1)
+
+
+class RenamedSource(Source):
+    """Another source seen through a name map (name -> the source's key)."""
+
+    def __init__(self, source: Source, key_of: dict[str, str]):
+        self._source, self._key_of = source, key_of
+        self.label = source.label
+
+    def keys(self):
+        return self._key_of.keys()
+
+    def shape(self, name):
+        return self._source.shape(self._key_of[name])
+
+    def dtype(self, name):
+        return self._source.dtype(self._key_of[name])
+
+    def rows(self, name, start, stop):
+        return self._source.rows(self._key_of[name], start, stop)
+
+    def tensor(self, name):
+        return self._source.tensor(self._key_of[name])
+
+
+# ---------------------------------------------------------------------------------------------- opening
+def _torch_load(path: str, trusted: bool):
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise
-            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        return _MappingSource(_unwrap(obj, names))
-    return _MappingSource(_unwrap(checkpoint, names))
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (torch < 1.6) format
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} cannot be loaded without running code from it ({first}). If you trust the file, opt in "
+            "explicitly: trusted=True (twa: --trusted), which loads it with torch.load(weights_only=False)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
 
 
+def open_file(path: str, trusted: bool = False) -> Source:
+    """The source of one file or directory, before unwrapping and renaming."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return DistributedCheckpointSource(path)
+        for name in HF_WEIGHT_FILES:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return open_file(candidate, trusted)
+        raise CheckpointError(f"{path} is a directory with no checkpoint in it (looked for .metadata of "
+                              f"torch.distributed.checkpoint and {', '.join(HF_WEIGHT_FILES)})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.endswith(".safetensors"):
+        return SafetensorsSource(path)
+    if path.endswith(".json"):
+        return ShardedSource(path, trusted)
+    return _unwrap(_torch_load(path, trusted), path)
+
+
+def _holds_tensors(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj, where: str) -> Source:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a state_dict (a mapping of names to tensors), got "
+                              f"{type(obj).__name__}")
+    if _holds_tensors(obj) or not obj:
+        return MappingSource(obj, where)
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return _unwrap({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}, where)
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):  # tensors beside a few plain entries
+        return MappingSource({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, where)
+    raise CheckpointError(f"{where} holds no state_dict: no tensors at the top level or under "
+                          f"{', '.join(map(repr, WRAPPER_KEYS))}")
+
+
+def _strip(key: str, chain: str) -> str | None:
+    return key[len(chain):] if key.startswith(chain) else None
+
+
+def _prefix_chains(keys, depth: int = 3) -> list[str]:
+    """Every chain of known prefixes (``module.``, ``_orig_mod.``, ``model.``, up to ``depth`` long) that
+    some key starts with, shortest first."""
+    chains, frontier = [], [""]
+    for _ in range(depth):
+        frontier = [c + p for c in frontier for p in PREFIXES if any(k.startswith(c + p) for k in keys)]
+        chains += frontier
+    return chains
+
+
+def resolve_names(keys, wanted: Sequence[str] | None, where: str) -> dict[str, str]:
+    """name -> checkpoint key by the module's one rule (see the module docstring)."""
+    keys = list(keys)
+    if wanted is not None:
+        key_set = set(keys)
+        if all(nm in key_set for nm in wanted):
+            return {k: k for k in keys}
+        fits = []
+        for chain in _prefix_chains(keys):
+            stripped = {s: k for k in keys if (s := _strip(k, chain)) is not None}
+            if all(nm in stripped for nm in wanted):
+                fits.append((chain, stripped))
+        if len(fits) > 1:
+            raise CheckpointError(f"{where}: the model's names match the checkpoint with either of the prefixes "
+                                  f"{' or '.join(repr(c) for c, _ in fits)} stripped; say which with key_map=")
+        if fits:
+            return fits[0][1]
+        return {k: k for k in keys}  # the caller reports what is missing
+    common = [c for c in _prefix_chains(keys) if keys and all(k.startswith(c) for k in keys)]
+    chain = max(common, key=len, default="")
+    return {k[len(chain):]: k for k in keys}
+
+
+def _apply_key_map(keys, key_map) -> dict[str, str]:
+    """new key -> original key."""
+    out = {}
+    for k in keys:
+        new = key_map(k) if callable(key_map) else key_map.get(k, k)
+        if new is None:
+            continue  # a key the map drops
+        if new in out:
+            raise CheckpointError(f"key_map maps both {out[new]!r} and {k!r} to {new!r}")
+        out[new] = k
+    return out
+
+
+def open_checkpoint(checkpoint, wanted: Sequence[str] | None = None, *, key_map: Mapping | Callable | None = None,
+                    trusted: bool = False, where: str | None = None) -> Source:
+    """A checkpoint (state_dict, file or directory) as a :class:`Source` whose keys are the model's names."""
+    where = where or label(checkpoint)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = open_file(os.fspath(checkpoint), trusted)
+    elif isinstance(checkpoint, Mapping):
+        source = _unwrap(checkpoint, where)
+    else:
+        raise TypeError(f"{where}: expected a state_dict, a file or a directory, got {type(checkpoint).__name__}")
+    source.label = where
+    if key_map is not None:
+        source = RenamedSource(source, _apply_key_map(source.keys(), key_map))
+    key_of = resolve_names(source.keys(), wanted, where)
+    if any(name != key for name, key in key_of.items()):
+        source = RenamedSource(source, key_of)
+    return source
+
+
+def load_state_dict(checkpoint, *, key_map=None, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """A whole state_dict from any checkpoint the reader takes (never running code from the file unless
+    ``trusted``)."""
+    source = open_checkpoint(checkpoint, key_map=key_map, trusted=trusted)
+    return {k: source.tensor(k) for k in source.keys()}
+
+
+# ---------------------------------------------------------------------------------------------- sets
 class CheckpointSet:
     """n checkpoints checked against the model's parameter names and shapes; rows read on demand."""
 
-    def __init__(self, checkpoints, names: Sequence[str], shapes: Sequence[tuple[int, ...]]):
+    def __init__(self, checkpoints, names: Sequence[str], shapes: Sequence[tuple[int, ...]], *,
+                 key_map=None, trusted: bool = False):
         if isinstance(checkpoints, (str, os.PathLike, Mapping)):
             raise TypeError("checkpoints must be a sequence of state_dicts or paths, not a single one")
         checkpoints = list(checkpoints)
         if len(checkpoints) < 2:
-            raise ValueError(
-                f"TWA needs at least two checkpoints to span a subspace, got {len(checkpoints)}"
-            )
-        self.labels = [_label(c, i) for i, c in enumerate(checkpoints)]
+            raise ValueError(f"TWA needs at least two checkpoints to span a subspace, got {len(checkpoints)}")
+        self.labels = [label(c, i) for i, c in enumerate(checkpoints)]
         self.sources = []
-        for label, ckpt in zip(self.labels, checkpoints):
+        for where, ckpt in zip(self.labels, checkpoints):
             try:
-                source = open_source(ckpt, list(names))
+                source = open_checkpoint(ckpt, list(names), key_map=key_map, trusted=trusted, where=where)
             except (TypeError, FileNotFoundError) as err:
-                raise type(err)(f"{label}: {err}") from None
-            keys = source.keys()
-            missing = [nm for nm in names if nm not in keys]
-            if missing:
-                shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-                raise ValueError(
-                    f"{label} lacks {len(missing)} of the model's parameters: {shown}"
-                )
-            for nm, shape in zip(names, shapes):
-                got = source.shape(nm)
-                if tuple(got) != tuple(shape) and not (tuple(shape) == () and tuple(got) in ((), (1,))):
-                    raise ValueError(
-                        f"{label}: parameter {nm!r} has shape {tuple(got)}, the model's has {tuple(shape)}"
-                    )
+                raise type(err)(f"{where}: {err}") from None
+            self.check(source, names, shapes)
             self.sources.append(source)
+
+    @staticmethod
+    def check(source: Source, names, shapes) -> None:
+        """Every name present, with the model's shape and a floating-point dtype."""
+        keys = source.keys()
+        missing = [nm for nm in names if nm not in keys]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise ValueError(f"{source.label} lacks {len(missing)} of the model's parameters: {shown}")
+        for nm, shape in zip(names, shapes):
+            got = source.shape(nm)
+            if tuple(got) != tuple(shape) and not (tuple(shape) == () and tuple(got) in ((), (1,))):
+                raise ValueError(f"{source.label}: parameter {nm!r} has shape {tuple(got)}, the model's has "
+                                 f"{tuple(shape)}")
+            if not source.dtype(nm).is_floating_point:
+                raise ValueError(f"{source.label}: parameter {nm!r} is {source.dtype(nm)}, not floating point")
 
     def __len__(self):
         return len(self.sources)
@@ -179,10 +461,10 @@ class CheckpointSet:
     def rows(self, name: str, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
         """Rows [start, stop) along dim 0 of one tensor from every checkpoint, flattened: [n, m]."""
         out = None
-        for i, (label, source) in enumerate(zip(self.labels, self.sources)):
+        for i, source in enumerate(self.sources):
             chunk = source.rows(name, start, stop).reshape(-1)
             if not torch.isfinite(chunk).all():
-                raise ValueError(f"{label}: parameter {name!r} contains NaN or Inf")
+                raise ValueError(f"{source.label}: parameter {name!r} contains NaN or Inf")
             if out is None:
                 out = torch.empty(len(self.sources), chunk.numel(), dtype=dtype)
             out[i].copy_(chunk)  # converts to float64 in place: no per-checkpoint temporaries

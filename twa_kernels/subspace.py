@@ -22,6 +22,7 @@ from .quantize import SCALE_MODES
 
 DECOUPLE_MODES = ("center", "gram_schmidt", "none")
 LAYER_MODES = ("param", "model")
+NON_TRAINABLE_MODES = ("checkpoints", "model")
 
 
 def _choose(value, allowed, what):
@@ -31,6 +32,41 @@ def _choose(value, allowed, what):
 
 def trainable_parameters(model: torch.nn.Module):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def read_non_trainable(model: torch.nn.Module, ckpts: CheckpointSet, trainable: set) -> dict[str, torch.Tensor]:
+    """The model's frozen parameters (equal in every checkpoint, else an error naming them) and buffers
+    (from the last checkpoint), as the checkpoints hold them; entries the checkpoints lack are left out."""
+    state = model.state_dict()
+    frozen = {nm for nm, p in model.named_parameters() if not p.requires_grad}
+    out, differ = {}, []
+    for name, current in state.items():
+        if name in trainable or name not in ckpts.sources[0].keys():
+            continue
+        if name in frozen:
+            first = ckpts.sources[0].tensor(name)
+            if any(not torch.equal(first, src.tensor(name)) for src in ckpts.sources[1:] if name in src.keys()):
+                differ.append(name)
+            value = first
+        else:
+            value = ckpts.sources[-1].tensor(name) if name in ckpts.sources[-1].keys() else ckpts.sources[0].tensor(name)
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"{ckpts.labels[0]}: {name!r} has shape {tuple(value.shape)}, the model's has "
+                             f"{tuple(current.shape)}")
+        out[name] = value
+    if differ:
+        raise ValueError(f"frozen parameter(s) {', '.join(map(repr, differ[:5]))} differ between the checkpoints: "
+                         "TWA keeps frozen parameters fixed; make them trainable, or pass non_trainable='model' "
+                         "to keep the model's own")
+    return out
+
+
+@torch.no_grad()
+def write_state(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the model's own tensors of those names (cast to their dtype and device)."""
+    state = model.state_dict(keep_vars=True)
+    for name, value in values.items():
+        state[name].copy_(value)
 
 
 class Subspace:
@@ -64,8 +100,11 @@ class Subspace:
     def from_checkpoints(cls, model: torch.nn.Module, checkpoints: Sequence, bits: int | None = 4,
                          decouple: str = "center", layers: str = "param", scale: str = "layer",
                          progress: bool | None = None, chunk_bytes: int = 48 << 20,
-                         shard: str | None = None, process_group=None) -> "Subspace":
-        """Build the subspace of ``checkpoints`` (state_dicts or ``.pt`` / ``.safetensors`` paths).
+                         shard: str | None = None, process_group=None, *, non_trainable: str = "checkpoints",
+                         key_map=None, trusted: bool = False) -> "Subspace":
+        """Build the subspace of ``checkpoints``: anything :mod:`twa_kernels.checkpoints` reads
+        (state_dicts, ``.pt`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` files, sharded indexes, Hugging
+        Face and ``torch.distributed.checkpoint`` directories), streamed.
 
         ``scale``: ``"layer"`` is the paper's Eq. 16 (one scale and zero per layer); ``"column"`` one
         per (layer, column); ``"column_norm"`` per column, rescaled so each dequantized column keeps
@@ -78,6 +117,11 @@ class Subspace:
         ``shard``: ``"replicate"``, ``"rows"`` or ``"columns"`` builds this rank's part for distributed
         training over ``process_group`` (default: the world); see :mod:`twa_kernels.distributed`.
         Every rank must call this with the same checkpoints; they are compared first.
+        ``non_trainable``: ``"checkpoints"`` (default) also loads the model's frozen parameters, which
+        must be equal in every checkpoint, and its buffers, from the last checkpoint (recompute
+        BatchNorm statistics with :func:`twa_kernels.update_bn` after training); ``"model"`` keeps the
+        model's own. The model is written only once the subspace is built.
+        ``key_map`` and ``trusted``: see :mod:`twa_kernels.checkpoints`.
         """
         check_bits(bits)
         _choose(decouple, DECOUPLE_MODES, "decouple mode")
@@ -88,7 +132,9 @@ class Subspace:
             raise ValueError("the model has no trainable parameters")
         names = [nm for nm, _ in named]
         shapes = [tuple(p.shape) for _, p in named]
-        ckpts = CheckpointSet(checkpoints, names, shapes)
+        _choose(non_trainable, NON_TRAINABLE_MODES, "non_trainable mode")
+        ckpts = CheckpointSet(checkpoints, names, shapes, key_map=key_map, trusted=trusted)
+        fixed = read_non_trainable(model, ckpts, set(names)) if non_trainable == "checkpoints" else {}
         if shard is not None:
             process_group = group_or_world(process_group)
         # construction makes Subspace values: imported here so the module dependency runs one way
@@ -96,6 +142,7 @@ class Subspace:
 
         space = Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
                         process_group).build()
+        write_state(model, fixed)
         return space.bind(model)
 
     # ------------------------------------------------------------------ binding to a model
