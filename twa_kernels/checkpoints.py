@@ -38,6 +38,8 @@ import json
 import math
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -229,7 +231,7 @@ class DistributedCheckpointSource(Source):
         from torch.distributed import checkpoint as dcp  # imported only for such a directory
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.label = path
+        self.label = self._path = path
         self._dcp = dcp
         try:
             metadata = dcp.FileSystemReader(path).read_metadata()
@@ -250,7 +252,9 @@ class DistributedCheckpointSource(Source):
     def tensor(self, name):
         if self._cached is None or self._cached[0] != name:
             out = {name: torch.empty(self.shape(name), dtype=self.dtype(name))}
-            self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(self.label))
+            with warnings.catch_warnings():  # reading in one process is the intent here, not a mistake
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(self._path))
             self._cached = (name, out[name])
         return self._cached[1]
 
@@ -294,12 +298,20 @@ def _torch_load(path: str, trusted: bool):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (torch < 1.6) format
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if needs is None:  # not a torch file at all, or a damaged one
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from None
         raise CheckpointError(
-            f"{path} cannot be loaded without running code from it ({first}). If you trust the file, opt in "
-            "explicitly: trusted=True (twa: --trusted), which loads it with torch.load(weights_only=False)") from None
+            f"{path} cannot be loaded without running code from it (it holds a {needs.group(1)}). If you trust "
+            "the file, opt in explicitly: trusted=True (twa: --trusted), which loads it with "
+            "torch.load(weights_only=False)") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def _last_line(err) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def open_file(path: str, trusted: bool = False) -> Source:
