@@ -48,7 +48,7 @@ def worker(rank, world, init, out, n, bits, steps, backend, model_name="resnet50
         start = opt.comm_bytes  # construction all-gathers w̄ once (rows); count the steps only
         for _ in range(steps):
             for p in model.parameters():
-                p.grad.normal_()
+                p.grad = torch.randn_like(p)
             opt.step()
         result[mode] = {"bytes_per_step": {k: (v - start.get(k, 0)) / steps for k, v in opt.comm_bytes.items()},
                         "p_bytes": space.nbytes, "backend": opt.backend}

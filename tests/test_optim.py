@@ -146,8 +146,9 @@ def test_sync_weights_restores_the_point_from_the_optimizer_state_alone():
     run_steps(model, opt, batches(6))
     fresh = make_model(seed=7)
     opt2 = twa.ProjectedSGD(fresh.parameters(), space, lr=0.1, momentum=0.9)
-    opt2.load_state_dict(opt.state_dict())  # weights still at w̄: β alone does not move them
-    opt2.sync_weights()
+    # The fresh model's weights are still where opt2 put them (w̄): loading β moves them to its point.
+    with pytest.warns(UserWarning, match="moved to w̄ \\+ P̃β of the loaded state"):
+        opt2.load_state_dict(opt.state_dict())
     beta = opt.beta
     exact = torch.cat([space.center[s].double() + space.projection.dequantize(l, dtype=torch.float64) @ beta[l]
                        for l, s in enumerate(space.layer_slices())])

@@ -65,11 +65,14 @@ def swa(checkpoints: Sequence, **read) -> dict[str, torch.Tensor]:
 
 def ema(checkpoints: Sequence, gamma: float, **read) -> dict[str, torch.Tensor]:
     """Exponential moving average in checkpoint order: m ← γ m + (1 − γ) w_i, starting at w_0."""
+    return weighted_mean(checkpoints, ema_weights(len(checkpoints), gamma), **read)
+
+
+def ema_weights(k: int, gamma: float) -> list[float]:
+    """The weight of each of ``k`` checkpoints in their EMA: γ^(k−1) for the first, (1 − γ)γ^(k−1−i) after."""
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
-    k = len(checkpoints)
-    weights = [gamma ** (k - 1)] + [(1 - gamma) * gamma ** (k - 1 - i) for i in range(1, k)]
-    return weighted_mean(checkpoints, weights, **read)
+    return [gamma ** (k - 1)] + [(1 - gamma) * gamma ** (k - 1 - i) for i in range(1, k)]
 
 
 def lawa(checkpoints: Sequence, k: int, **read) -> dict[str, torch.Tensor]:

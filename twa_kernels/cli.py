@@ -1,17 +1,43 @@
 """The ``twa`` command (also ``python -m twa_kernels``).
 
-    twa backends [--device cpu|cuda] [--json]    which kernel backends run here, why others do not, and the fix
+    twa backends [--device cpu|cuda] [--json]      which kernel backends run here, why others do not, and the fix
+    twa average {uniform,ema,lawa} CKPT... -o OUT  average checkpoints, streamed (a Hugging Face folder in, one out)
+    twa build CKPT... --bits 4 -o space.safetensors   build a subspace; names and shapes from the first checkpoint
+    twa info FILE                                  what a subspace or a checkpoint holds
+    twa alphas SPACE STATE                         α per layer by parameter name, as JSON
+
+Every subcommand has ``--help``. Bad input gets one line naming the problem on stderr and exit status 1
+(2 for a malformed command line); nothing is written unless the whole command succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
+import shutil
 import sys
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .backends import backend_report, format_backend_report
+from .baselines import ema_weights
+from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint
+from .subspace import Subspace
+
+BN_STATISTICS = ("*.running_mean", "*.running_var", "*.num_batches_tracked")
 
 
+class UsageError(Exception):
+    """Bad input on the command line: reported as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------------------------------- backends
 def _backends(args) -> int:
     report = backend_report(args.device)
     if args.json:
@@ -21,21 +47,295 @@ def _backends(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- average
+def _weights(args, count: int) -> list[float]:
+    if args.method == "uniform":
+        return [1.0 / count] * count
+    if args.method == "ema":
+        return ema_weights(count, args.gamma)
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    k = min(args.k, count)
+    return [0.0] * (count - k) + [1.0 / k] * k
+
+
+def _hf_folder(path: str) -> str | None:
+    """The weights file a Hugging Face checkpoint folder keeps, or None for anything else."""
+    if not os.path.isdir(path):
+        return None
+    return next((name for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))), None)
+
+
+def _output_groups(inputs, source) -> tuple[list[tuple[str, list[str]]], str | None]:
+    """(file name, keys) per output file, and the index file name when the output is sharded: sharded
+    like the last input when it is a sharded Hugging Face folder, one file otherwise."""
+    last = inputs[-1]
+    weights_file = _hf_folder(last)
+    if weights_file is not None and weights_file.endswith(".index.json"):
+        with open(os.path.join(last, weights_file)) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for key in source.keys():
+            name = weight_map.get(key, "model-extra.safetensors")
+            shards.setdefault(os.path.splitext(name)[0] + ".safetensors", []).append(key)
+        return sorted(shards.items()), "model.safetensors.index.json"
+    return [("model.safetensors", list(source.keys()))], None
+
+
+def _average(args) -> int:
+    inputs = list(args.checkpoints)
+    if len(inputs) < 2:
+        raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
+    weights = _weights(args, len(inputs))
+    sources = [open_checkpoint(p, trusted=args.trusted, where=label(p, i)) for i, p in enumerate(inputs)]
+    first = sources[0]
+    keys = list(first.keys())
+    for s in sources[1:]:
+        if set(s.keys()) != set(keys):
+            diff = sorted(set(s.keys()) ^ set(keys))[:3]
+            raise UsageError(f"{s.label} holds other tensors than {first.label} (e.g. {', '.join(diff)})")
+        for k in keys:
+            if s.shape(k) != first.shape(k):
+                raise UsageError(f"{s.label}: {k!r} has shape {s.shape(k)}, {first.label} has {first.shape(k)}")
+    hf = all(_hf_folder(p) is not None for p in inputs)
+    out = os.fspath(args.output)
+    if hf:
+        groups, index_name = _output_groups(inputs, first)
+    else:
+        if not out.endswith(".safetensors"):
+            raise UsageError(f"the output of averaging checkpoint files is a .safetensors file, not {out}")
+        groups, index_name = [(os.path.basename(out), keys)], None
+    staging = tempfile.mkdtemp(prefix=".twa-average-", dir=os.path.dirname(os.path.abspath(out)) or ".")
+    try:
+        bar = tqdm(total=len(keys), desc=f"averaging {len(inputs)} checkpoints", unit="tensor",
+                   disable=None if not args.quiet else True)
+        weight_map = {}
+        with bar:
+            for file_name, group in groups:
+                tensors = {}
+                for k in group:
+                    dtype = first.dtype(k)
+                    if not dtype.is_floating_point:
+                        tensors[k] = sources[-1].tensor(k).contiguous()
+                    else:
+                        acc = torch.zeros(first.shape(k), dtype=torch.float64)
+                        for s, w in zip(sources, weights):
+                            v = s.tensor(k)
+                            if not torch.isfinite(v).all():
+                                raise UsageError(f"{s.label}: {k!r} contains NaN or Inf")
+                            if w:
+                                acc += w * v.to(torch.float64)
+                        tensors[k] = acc.to(dtype).contiguous()
+                    weight_map[k] = file_name
+                    bar.update(1)
+                save_file(tensors, os.path.join(staging, file_name), metadata={"format": "pt"})
+        if hf:
+            if index_name is not None:
+                with open(os.path.join(staging, index_name), "w") as f:
+                    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+            for name in os.listdir(inputs[-1]):  # config, tokenizer, generation config: from the last input
+                src = os.path.join(inputs[-1], name)
+                if os.path.isfile(src) and name.endswith((".json", ".txt", ".model", ".py")) \
+                        and "index" not in name and name not in ("trainer_state.json",):
+                    shutil.copy2(src, os.path.join(staging, name))
+            if os.path.exists(out):
+                raise UsageError(f"{out} exists: give a new folder for the averaged model")
+            os.replace(staging, out)
+        else:
+            os.replace(os.path.join(staging, groups[0][0]), out)
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"wrote {out} ({args.method} average of {len(inputs)} checkpoints, {len(keys)} tensors)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- build
+def _selected_names(source, include, exclude) -> tuple[list[str], list[tuple[int, ...]]]:
+    names = []
+    for k in source.keys():
+        if not source.dtype(k).is_floating_point:
+            continue
+        if include and not any(fnmatch.fnmatchcase(k, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(k, p) for p in (*BN_STATISTICS, *exclude)):
+            continue
+        names.append(k)
+    if not names:
+        raise UsageError(f"{source.label}: no floating-point tensor is left to build a subspace from "
+                         "(check --include / --exclude)")
+    return names, [tuple(source.shape(k)) for k in names]
+
+
+def _build(args) -> int:
+    out = os.fspath(args.output)
+    if not out.endswith(".safetensors"):
+        raise UsageError(f"a subspace is saved as a .safetensors file, not {out}")
+    first = open_checkpoint(args.checkpoints[0], trusted=args.trusted, where=label(args.checkpoints[0], 0))
+    names, shapes = _selected_names(first, args.include, args.exclude)
+    bits = None if args.bits == "fp32" else int(args.bits)
+    space = Subspace.from_names(names, shapes, args.checkpoints, bits=bits, decouple=args.decouple,
+                                layers=args.layers, scale=args.scale, progress=None if not args.quiet else False,
+                                trusted=args.trusted)
+    space.save(out)
+    print(f"wrote {out}: {space!r}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- info
+def _subspace_metadata(path: str) -> dict | None:
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta if "twa_subspace" in meta else None
+
+
+def _info(args) -> int:
+    path = os.fspath(args.file)
+    meta = _subspace_metadata(path)
+    if meta is not None:
+        space = Subspace.load(path)
+        record = {"kind": "subspace", "file": path, "n": space.n, "bits": space.bits, "layers": space.num_layers,
+                  "layers_mode": space.layers_mode, "decouple": space.decouple_mode, "scale": space.scale_mode,
+                  "parameters": space.numel, "nbytes": space.nbytes, "fingerprint": space.fingerprint,
+                  "frozen_layers": int(space.frozen.sum()), "shard": space.shard,
+                  "names": space.names}
+    else:
+        source = open_checkpoint(path, trusted=args.trusted)
+        keys = list(source.keys())
+        dtypes: dict[str, int] = {}
+        numel = nbytes = 0
+        for k in keys:
+            dt = source.dtype(k)
+            count = 1
+            for d in source.shape(k):
+                count *= d
+            numel += count
+            nbytes += count * torch.empty((), dtype=dt).element_size()
+            dtypes[str(dt).replace("torch.", "")] = dtypes.get(str(dt).replace("torch.", ""), 0) + 1
+        record = {"kind": "checkpoint", "file": path, "tensors": len(keys), "elements": numel, "nbytes": nbytes,
+                  "dtypes": dtypes, "names": keys}
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    shown = {k: v for k, v in record.items() if k != "names"}
+    for k, v in shown.items():
+        print(f"{k:>14}: {v}")
+    names = record["names"]
+    print(f"{'names':>14}: {', '.join(names[:8])}" + (f" … ({len(names)} in all)" if len(names) > 8 else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- alphas
+def _find_twa_state(obj, where: str) -> dict:
+    """The "twa" entry of a projected optimizer's state_dict, wherever the file keeps it: the state_dict
+    itself, under "optimizer" (a hand-written checkpoint), or in Lightning's "optimizer_states"."""
+    candidates = [obj]
+    if isinstance(obj, dict):
+        candidates += [obj.get("optimizer"), obj.get("optimizer_state_dict"), *(obj.get("optimizer_states") or [])]
+    for c in candidates:
+        if isinstance(c, dict) and isinstance(c.get("twa"), dict):
+            return c["twa"]
+    raise UsageError(f"{where} holds no projected optimizer state (no 'twa' entry): pass a file saved from "
+                     "opt.state_dict(), a Trainer's optimizer.pt, or a Lightning checkpoint")
+
+
+def _alphas(args) -> int:
+    space = Subspace.load(os.fspath(args.subspace))
+    path = os.fspath(args.state)
+    if os.path.isdir(path):  # a Trainer checkpoint folder
+        path = os.path.join(path, "optimizer.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no optimizer state file at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported by name
+        raise UsageError(f"{path}: not a readable optimizer state ({str(err).splitlines()[0]})") from None
+    state = _find_twa_state(obj, path)
+    if state.get("fingerprint") != space.fingerprint:
+        raise UsageError(f"{path} was trained in another subspace (fingerprint {state.get('fingerprint')}, "
+                         f"{args.subspace} has {space.fingerprint})")
+    beta = state["beta"]
+    if tuple(beta.shape) != (space.num_layers, space.n):
+        raise UsageError(f"{path}: β has shape {tuple(beta.shape)}, expected {(space.num_layers, space.n)} "
+                         "(a column-sharded state holds only its rank's columns)")
+    print(json.dumps({"fingerprint": space.fingerprint, "step": float(state["step"]),
+                      "alphas": space.named_alphas(beta)}, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twa", description="Trainable Weight Averaging tools.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("backends", help="which kernel backends run here, and why the others do not",
                        description="Report every kernel backend for a device: whether it runs, how (built at "
                                    "install or compiled on first use), or why not and the command that fixes it.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible, else cpu)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_backends)
+
+    def reading(p):
+        p.add_argument("--trusted", action="store_true",
+                       help="load pickled checkpoints that need code execution (only for files you trust)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("average", help="average checkpoints (uniform, EMA, LAWA), streamed",
+                       description="Average checkpoints tensor by tensor (any format the reader takes). Files in: "
+                                   "a .safetensors file out. Hugging Face checkpoint folders in: a folder out, "
+                                   "sharded like the last input, with its config copied, so from_pretrained "
+                                   "loads it. Integer tensors come from the last checkpoint.")
+    p.add_argument("method", choices=["uniform", "ema", "lawa"])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders, oldest first")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file, or a new folder")
+    p.add_argument("--gamma", type=float, default=0.9, help="EMA decay (m ← γ m + (1 − γ) w), default 0.9")
+    p.add_argument("--k", type=int, default=5, help="LAWA: average the last k checkpoints, default 5")
+    reading(p)
+    p.set_defaults(run=_average)
+
+    p = sub.add_parser("build", help="build a TWA subspace from checkpoints (no model needed)",
+                       description="Build the subspace the checkpoints span. Names and shapes come from the first "
+                                   "checkpoint: every floating-point tensor except BatchNorm statistics, narrowed "
+                                   "by --include / --exclude (shell patterns).")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="the subspace, a .safetensors file")
+    p.add_argument("--bits", default="4", choices=["1", "2", "4", "8", "fp32"])
+    p.add_argument("--scale", default="layer", choices=["layer", "column", "column_norm"])
+    p.add_argument("--decouple", default="center", choices=["center", "gram_schmidt", "none"])
+    p.add_argument("--layers", default="param", choices=["param", "model"])
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="keep only matching names")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="leave matching names out")
+    reading(p)
+    p.set_defaults(run=_build)
+
+    p = sub.add_parser("info", help="what a subspace or checkpoint file holds",
+                       description="Layers, n, bits, bytes and fingerprint of a subspace; tensors, elements, "
+                                   "dtypes and bytes of a checkpoint.")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--trusted", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(run=_info)
+
+    p = sub.add_parser("alphas", help="α per layer by parameter name, as JSON",
+                       description="The averaging weights α (one per checkpoint, per parameter) of a trained β: "
+                                   "from a subspace file and an optimizer state (a file of opt.state_dict(), a "
+                                   "Trainer checkpoint folder or its optimizer.pt, or a Lightning checkpoint).")
+    p.add_argument("subspace")
+    p.add_argument("state")
+    p.set_defaults(run=_alphas)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, OSError) as err:
+        print(f"twa {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

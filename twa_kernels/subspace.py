@@ -30,6 +30,13 @@ def _choose(value, allowed, what):
         raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(map(repr, allowed))}")
 
 
+def _check_options(bits, decouple, layers, scale) -> None:
+    check_bits(bits)
+    _choose(decouple, DECOUPLE_MODES, "decouple mode")
+    _choose(layers, LAYER_MODES, "layers mode")
+    _choose(scale, SCALE_MODES, "scale mode")
+
+
 def trainable_parameters(model: torch.nn.Module):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
@@ -123,27 +130,45 @@ class Subspace:
         model's own. The model is written only once the subspace is built.
         ``key_map`` and ``trusted``: see :mod:`twa_kernels.checkpoints`.
         """
-        check_bits(bits)
-        _choose(decouple, DECOUPLE_MODES, "decouple mode")
-        _choose(layers, LAYER_MODES, "layers mode")
-        _choose(scale, SCALE_MODES, "scale mode")
+        _check_options(bits, decouple, layers, scale)
         named = trainable_parameters(model)
         if not named:
             raise ValueError("the model has no trainable parameters")
+        _choose(non_trainable, NON_TRAINABLE_MODES, "non_trainable mode")
         names = [nm for nm, _ in named]
         shapes = [tuple(p.shape) for _, p in named]
-        _choose(non_trainable, NON_TRAINABLE_MODES, "non_trainable mode")
         ckpts = CheckpointSet(checkpoints, names, shapes, key_map=key_map, trusted=trusted)
         fixed = read_non_trainable(model, ckpts, set(names)) if non_trainable == "checkpoints" else {}
+        space = cls._build(ckpts, names, shapes, bits, decouple, layers, scale, progress, chunk_bytes, shard,
+                           process_group)
+        write_state(model, fixed)
+        return space.bind(model)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str], shapes: Sequence[tuple[int, ...]], checkpoints: Sequence,
+                   bits: int | None = 4, decouple: str = "center", layers: str = "param", scale: str = "layer",
+                   progress: bool | None = None, chunk_bytes: int = 48 << 20, shard: str | None = None,
+                   process_group=None, *, key_map=None, trusted: bool = False) -> "Subspace":
+        """The subspace of the checkpoints' tensors ``names`` (of ``shapes``), with no model object (as
+        ``twa build`` does); bind it to a model later with :meth:`bind` or ``Subspace.load(model=)``.
+        The other arguments are those of :meth:`from_checkpoints`."""
+        _check_options(bits, decouple, layers, scale)
+        if not names:
+            raise ValueError("no tensors to build a subspace from")
+        ckpts = CheckpointSet(checkpoints, list(names), list(shapes), key_map=key_map, trusted=trusted)
+        return cls._build(ckpts, list(names), [tuple(s) for s in shapes], bits, decouple, layers, scale, progress,
+                          chunk_bytes, shard, process_group)
+
+    @classmethod
+    def _build(cls, ckpts, names, shapes, bits, decouple, layers, scale, progress, chunk_bytes, shard,
+               process_group) -> "Subspace":
         if shard is not None:
             process_group = group_or_world(process_group)
         # construction makes Subspace values: imported here so the module dependency runs one way
         from .construction import Builder
 
-        space = Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
-                        process_group).build()
-        write_state(model, fixed)
-        return space.bind(model)
+        return Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
+                       process_group).build()
 
     # ------------------------------------------------------------------ binding to a model
     def bind(self, model: torch.nn.Module) -> "Subspace":
@@ -239,6 +264,17 @@ class Subspace:
         alpha = 1.0 / self.n + torch.einsum("lij,lj->li", self._transforms(), beta)
         alpha[self.frozen] = 1.0 / self.n
         return alpha
+
+    def named_alphas(self, beta: torch.Tensor) -> dict[str, list[float]]:
+        """α by parameter name: ``{name: [α_1 … α_n]}``, the weights of the checkpoints in that
+        parameter's layer (every parameter of one layer with ``layers="model"``). α may be negative or
+        above 1; it describes the trained weights exactly for fp32 P̃ and approximately under
+        quantization."""
+        alpha = self.alphas(beta)
+        return {name: alpha[self._layer_of(i)].tolist() for i, name in enumerate(self.names)}
+
+    def _layer_of(self, param_index: int) -> int:
+        return param_index if self.layers_mode == "param" else 0
 
     def beta_for_alphas(self, alpha: torch.Tensor) -> torch.Tensor:
         """β [L, n] (float64) whose point w̄ + Pβ is Σ α_i x_i, for α with Σ α = 1 per layer."""

@@ -12,6 +12,7 @@ it (P̃, β and the optimizer state go where the parameters went).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -20,7 +21,7 @@ from ..backends import make_engine
 from ..subspace import Subspace
 from .binding import ParameterBinding, bind_parameters
 
-INIT_MODES = ("center", "last")
+INIT_MODES = ("center", "last", "keep")
 NONFINITE_MODES = ("raise", "skip")
 
 
@@ -101,7 +102,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             onehot = torch.zeros(space.n, dtype=torch.float64)
             onehot[-1] = 1.0
             beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, self._placement.column_slice(space.n)]
-        self._place(beta0)
+        self._placed_versions = None
+        if init != "keep":
+            self._place(beta0)
+            self._placed_versions = self._versions()
         self._follow_replaced_parameters(space)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -124,6 +128,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             return None
         owned = sum(t.numel() for t in self._placement.owned(self._binding))
         return torch.zeros(owned, dtype=torch.bfloat16, device=self._binding.device)
+
+    def _versions(self):
+        """The parameters' in-place modification counters: whether anyone wrote them since."""
+        return [p._version for p in self._binding.params]
 
     def _layers_per_group(self, ordered, space):
         """Per param group: the β rows (layers) it owns, as a slice when contiguous."""
@@ -259,6 +267,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         where the columns are split over ranks, like :meth:`gather_beta`."""
         return self.space.alphas(self.gather_beta())
 
+    def named_alphas(self) -> dict[str, list[float]]:
+        """α by parameter name (see :meth:`Subspace.named_alphas`); a collective like :meth:`alphas`."""
+        return self.space.named_alphas(self.gather_beta())
+
     def sync_weights(self) -> None:
         """Set the weights to exactly w̄ + P̃β (e.g. after loading only the optimizer's state)."""
         self._place(self._beta.clone())
@@ -270,6 +282,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._follow()
+        self._placed_versions = None
         if not self._binding.any_grad():
             if closure is not None and loss is None:
                 return None  # the closure skipped its backward (Lightning's "return None"): nothing to do
@@ -346,3 +359,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             self._buffers[k].copy_(v)
         if comp is not None:
             self._compensation.copy_(comp)
+        untouched = (self._placed_versions is not None and not getattr(self, "_replaced", False)
+                     and self._placed_versions == self._versions())
+        if untouched and bool((self._beta != 0).any()):
+            # The weights are still where this optimizer put them when it was made, not the loaded
+            # state's point (the checkpoint's weights were loaded before it was made, then overwritten).
+            warnings.warn("load_state_dict: the model's weights were still at the point this optimizer was made at; "
+                          "they are moved to w̄ + P̃β of the loaded state. To resume bit for bit, load the model's "
+                          "weights after making the optimizer, or make it with init='keep'", stacklevel=2)
+            self.sync_weights()
+        self._placed_versions = None

@@ -15,7 +15,8 @@ class ProjectedSGD(ProjectedOptimizer):
     :class:`~twa_kernels.optim.ProjectedOptimizer`); ``params`` are the model's trainable parameters in
     any grouping and order (plain tensors bind by identity to the model the subspace was built from or
     bound to, named ones by name); ``space`` is the :class:`~twa_kernels.Subspace`; ``backend``, ``init``
-    ("center" puts the model at w̄, "last" at the last checkpoint) and ``nonfinite`` ("raise", or "skip"
+    ("center" puts the model at w̄, "last" at the last checkpoint, "keep" leaves the weights as they are:
+    for resuming when the model's weights were loaded before the optimizer was made) and ``nonfinite`` ("raise", or "skip"
     to drop a step with a NaN/Inf gradient without a host sync; the default with ``capturable=True``)
     are TWA's own. A parameter whose ``.grad`` is None contributes a zero gradient to its layer.
     """
