@@ -1,0 +1,145 @@
+"""The ``twa`` command end to end, through a subprocess as a user runs it: average, build, info, alphas,
+and bad input (one line naming the problem, exit status 1, nothing written)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import twa_kernels as twa
+from reference import batches, make_checkpoints, make_model
+from test_checkpoints import write_sharded_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def twa_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "twa_kernels", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    model = make_model(dtype=torch.float32)
+    ckpts = [{k: v.float().contiguous() for k, v in sd.items()} for sd in make_checkpoints(model, 4)]
+    paths = []
+    for i, sd in enumerate(ckpts):
+        path = tmp_path / f"ck{i}.safetensors"
+        save_file(sd, path)
+        paths.append(path)
+    return model, ckpts, paths
+
+
+@pytest.mark.parametrize("method,extra,expected", [
+    ("uniform", (), lambda c: twa.swa(c)),
+    ("ema", ("--gamma", "0.7"), lambda c: twa.ema(c, 0.7)),
+    ("lawa", ("--k", "2"), lambda c: twa.lawa(c, 2)),
+])
+def test_average_files(files, tmp_path, method, extra, expected):
+    _, ckpts, paths = files
+    out = tmp_path / "avg.safetensors"
+    r = twa_cli("average", method, *paths, "-o", out, *extra, "--quiet")
+    assert r.returncode == 0, r.stderr
+    got, want = load_file(out), expected(ckpts)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_average_hugging_face_folders_gives_a_folder_from_pretrained_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    folders = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = transformers.GPT2LMHeadModel(config)
+        folder = tmp_path / f"checkpoint-{i}"
+        model.save_pretrained(folder, max_shard_size="4KB")  # sharded: the output must be sharded alike
+        folders.append(folder)
+    assert (folders[0] / "model.safetensors.index.json").exists()
+    out = tmp_path / "averaged"
+    r = twa_cli("average", "uniform", *folders, "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in folders[-1].glob("*.safetensors"))
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    expected = twa.swa([str(f) for f in folders])
+    for name, value in loaded.state_dict().items():
+        if name in expected:
+            assert torch.equal(value, expected[name]), name
+
+
+def test_build_needs_no_model_and_matches_the_python_api(files, tmp_path):
+    model, ckpts, paths = files
+    out = tmp_path / "space.safetensors"
+    r = twa_cli("build", *paths, "--bits", "4", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    built = twa.Subspace.load(out)
+    expected = twa.Subspace.from_names(built.names, built.shapes, ckpts, bits=4, progress=False)
+    assert set(built.names) == {n for n, _ in model.named_parameters()}
+    assert built.fingerprint == expected.fingerprint and torch.equal(built.projection.words, expected.projection.words)
+    bound = twa.Subspace.load(out, model=make_model(dtype=torch.float32))
+    opt = twa.ProjectedSGD(make_model(dtype=torch.float32).named_parameters(), bound, lr=0.1)
+    assert opt.beta.shape == (len(built.names), 4)
+    only_fc1 = tmp_path / "fc1.safetensors"
+    r = twa_cli("build", *paths, "--include", "fc1.*", "--bits", "2", "-o", only_fc1, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert set(twa.Subspace.load(only_fc1).names) == {"fc1.weight", "fc1.bias"}
+
+
+def test_info_of_a_subspace_and_of_a_checkpoint(files, tmp_path):
+    model, ckpts, paths = files
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+    space.save(tmp_path / "space.safetensors")
+    r = twa_cli("info", tmp_path / "space.safetensors", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["kind"], info["n"], info["bits"], info["layers"], info["fingerprint"]) == \
+        ("subspace", 4, 4, space.num_layers, space.fingerprint)
+    r = twa_cli("info", paths[0])
+    assert r.returncode == 0 and "checkpoint" in r.stdout and "fc1.weight" in r.stdout
+
+
+def test_alphas_from_a_saved_optimizer_state(files, tmp_path):
+    model, ckpts, _ = files
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+    space.save(tmp_path / "space.safetensors")
+    opt = twa.ProjectedSGD(model.parameters(), space, lr=0.2)
+    for x, y in batches(3, dtype=torch.float32):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"epoch": 1, "optimizer": opt.state_dict()}, tmp_path / "train.pt")
+    r = twa_cli("alphas", tmp_path / "space.safetensors", tmp_path / "train.pt")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["alphas"] == opt.named_alphas()
+    other = twa.Subspace.from_checkpoints(make_model(dtype=torch.float32), make_checkpoints(model, 4, seed=5),
+                                          bits=4, progress=False)
+    other.save(tmp_path / "other.safetensors")
+    r = twa_cli("alphas", tmp_path / "other.safetensors", tmp_path / "train.pt")
+    assert r.returncode == 1 and "trained in another subspace" in r.stderr
+
+
+def test_bad_input_names_the_problem_and_writes_nothing(files, tmp_path):
+    _, ckpts, paths = files
+    out = tmp_path / "out.safetensors"
+    r = twa_cli("average", "uniform", paths[0], tmp_path / "missing.safetensors", "-o", out)
+    assert r.returncode == 1 and "missing.safetensors" in r.stderr and not out.exists()
+    wide = dict(ckpts[1], **{"fc1.weight": torch.zeros(9, 5)})
+    save_file(wide, tmp_path / "wide.safetensors")
+    r = twa_cli("average", "uniform", paths[0], tmp_path / "wide.safetensors", "-o", out)
+    assert r.returncode == 1 and "'fc1.weight' has shape (9, 5)" in r.stderr and not out.exists()
+    index = write_sharded_safetensors(ckpts[2], tmp_path / "sharded")
+    os.remove(tmp_path / "sharded" / "model-00001-of-00002.safetensors")
+    r = twa_cli("build", paths[0], index, "-o", out)
+    assert r.returncode == 1 and "names shard(s) that do not exist" in r.stderr and not out.exists()
+    r = twa_cli("build", paths[0], paths[1], "-o", tmp_path / "space.pt")
+    assert r.returncode == 1 and "saved as a .safetensors file" in r.stderr
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".twa-")]  # no staging left behind
+    r = twa_cli("average", "median", *paths, "-o", out)
+    assert r.returncode == 2  # a malformed command line: argparse's usage error
