@@ -1,4 +1,5 @@
 import hashlib
+import json
 import math
 
 import pytest
@@ -254,5 +255,18 @@ class TestBadInput:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tensors["scale"] = tensors["scale"] * 2
         save_file(tensors, path, metadata=meta)
-        with pytest.raises(ValueError, match="fingerprint"):
+        with pytest.raises(ValueError, match="do not match their checksum"):
+            twa.Subspace.load(path)
+
+    def test_a_flipped_byte_in_the_codes_is_caught(self, tmp_path):
+        model = make_model()
+        space = build(model, make_checkpoints(model, 3))
+        path = tmp_path / "s.safetensors"
+        space.save(path)
+        data = bytearray(path.read_bytes())
+        header = 8 + int.from_bytes(data[:8], "little")
+        begin, _ = json.loads(data[8:header])["words"]["data_offsets"]
+        data[header + begin + 3] ^= 0x10  # one bit of one code
+        path.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="do not match their checksum"):
             twa.Subspace.load(path)

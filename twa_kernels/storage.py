@@ -53,6 +53,17 @@ def fingerprint(space) -> str:
     return h.hexdigest()[:32]
 
 
+def checksum(stored: dict) -> str:
+    """sha256 of every stored tensor's bytes (name, dtype, shape and data, in name order): a flipped bit
+    anywhere in a saved subspace changes it."""
+    h = hashlib.sha256()
+    for name in sorted(stored):
+        t = stored[name].contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save(space, path) -> str:
     """Write ``space`` to ``path`` (``{rank}`` in it is replaced by the rank); returns the path written.
     Written to a temporary name first: a half-written file never lies under the user's name."""
@@ -60,8 +71,9 @@ def save(space, path) -> str:
     meta = dict(record(space), shard=space.placement.to_dict(), local_sizes=list(space.projection.layout.sizes),
                 local_n=space.projection.layout.n)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors(space).items()}, tmp,
-              metadata={"twa_subspace": json.dumps(meta), "fingerprint": space.fingerprint})
+    stored = {k: v.contiguous() for k, v in tensors(space).items()}
+    save_file(stored, tmp, metadata={"twa_subspace": json.dumps(meta), "fingerprint": space.fingerprint,
+                                     "checksum": checksum(stored)})
     os.replace(tmp, path)
     return path
 
@@ -76,6 +88,8 @@ def load(cls, path, process_group=None):
             raise ValueError(f"{path} is not a twa_kernels subspace file")
         meta = json.loads(meta_raw["twa_subspace"])
         stored = {k: f.get_tensor(k) for k in f.keys()}
+    if "checksum" in meta_raw and checksum(stored) != meta_raw["checksum"]:
+        raise ValueError(f"{path}: the stored tensors do not match their checksum (corrupt file?)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: subspace format {meta.get('format_version')} is not "
                          f"{FORMAT_VERSION}; rebuild it with this version of twa_kernels")
