@@ -93,3 +93,27 @@ def test_an_optimizer_made_before_the_trainer(ordinary_run, tmp_path):
     assert not torch.equal(opt.beta, torch.zeros_like(opt.beta))
     seen = losses(trainer)
     assert seen[-1] < seen[0]
+
+
+def test_resume_a_twa_phase_from_a_trainer_checkpoint(ordinary_run, tmp_path):
+    """resume_from_checkpoint inside the TWA phase gives the uninterrupted run bit for bit: the Trainer
+    loads the weights before it makes the optimizer, so the optimizer is made with init='keep'."""
+    folders = checkpoint_folders(ordinary_run)
+
+    def run(out, max_steps, resume=None):
+        model = tiny_gpt2(seed=3)
+        space = twa.Subspace.from_checkpoints(model, folders, bits=4, progress=False)
+        kwargs = {"space": space, "lr": 3e-3, "init": "keep" if resume else "center"}
+        # a constant schedule: the interrupted run's first part must not decay towards its own end
+        trainer = transformers.Trainer(model=model, args=arguments(out, max_steps=max_steps, save_steps=3,
+                                                                   save_only_model=False, lr_scheduler_type="constant"),
+                                       train_dataset=Tokens(seed=3),
+                                       optimizer_cls_and_kwargs=(twa.ProjectedAdamW, kwargs))
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "whole", 6)
+    run(tmp_path / "first", 3)
+    resumed = run(tmp_path / "first", 6, resume=str(tmp_path / "first" / "checkpoint-3"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

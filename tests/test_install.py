@@ -148,3 +148,10 @@ def test_compile_on_first_use_with_a_stale_lock(tmp_path):
     second = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=120)
     assert second.returncode == 0 and second.stdout.startswith("compiled on first use"), second.stderr
+
+
+def test_importing_the_package_imports_no_training_stack():
+    code = ("import sys, twa_kernels; heavy = [m for m in ('transformers', 'lightning', 'accelerate') "
+            "if m in sys.modules]; print(heavy); assert not heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
