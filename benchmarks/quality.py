@@ -169,15 +169,15 @@ def bits_ablation(d, ckpts, seed):
     return out
 
 
+def mean_std(values, digits: int = 2) -> str:
+    """"mean ± std" over seeds (std 0 for one seed)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
 def summarize(per_seed):
-    keys = list(per_seed[0])
-    rows = []
-    for k in keys:
-        test = [100 * s[k]["test"] for s in per_seed]
-        gap = [100 * s[k]["gap"] for s in per_seed]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        rows.append([k, f"{statistics.mean(test):.2f} ± {sd(test):.2f}", f"{statistics.mean(gap):.2f} ± {sd(gap):.2f}"])
-    return rows
+    return [[k, mean_std([100 * s[k]["test"] for s in per_seed]), mean_std([100 * s[k]["gap"] for s in per_seed])]
+            for k in per_seed[0]]
 
 
 def plots(alphas, ablation_rows, names, path_prefix):

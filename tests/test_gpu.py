@@ -116,3 +116,28 @@ def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
         launched = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constants)  # the launch's cache entry
         offline = (tmp_path / f"sm{arch}_{name}.cubin").read_bytes()
         assert launched.asm["cubin"] == offline, name
+
+
+def test_model_moved_to_the_gpu_after_the_optimizer_is_followed():
+    """model.cuda() after the optimizer was made (the Hugging Face Trainer's optimizers=(opt, None)):
+    the first step follows the parameters to the GPU and trains there, as an optimizer made after the
+    move does."""
+    from reference import batches, make_checkpoints, make_model
+
+    def run(move_first):
+        model = make_model(dtype=torch.float32)
+        space = twa.Subspace.from_checkpoints(model, make_checkpoints(model, 5), bits=4, progress=False)
+        if move_first:
+            model.cuda()
+        opt = twa.ProjectedSGD(model.parameters(), space, lr=0.2, momentum=0.9)
+        model.cuda()
+        for x, y in batches(5, dtype=torch.float32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+            opt.step()
+        return opt
+
+    followed, made_after = run(False), run(True)
+    assert followed.backend == made_after.backend != "torch"
+    assert followed._beta.device.type == "cuda"
+    assert torch.allclose(followed.beta, made_after.beta, rtol=0, atol=1e-6)

@@ -147,11 +147,12 @@ class AddressTable:
         self._offsets = torch.tensor([0, *segments.sizes[:-1]], dtype=torch.int64).cumsum(0)
         self._key = None
         self._table = None
+        self._host = None
 
     def __call__(self, x) -> tuple[torch.Tensor, torch.dtype]:
         """(addresses [S], dtype) of ``x``: a flat tensor of every segment, or a list of segment tensors."""
         if isinstance(x, torch.Tensor):
-            key = (x.dtype, x.data_ptr(), x.device)
+            key = (x.dtype, x.data_ptr(), x.numel(), x.device)
             if key != self._key:
                 self._check_flat(x)
                 table = x.data_ptr() + self._offsets * x.element_size()
@@ -168,7 +169,10 @@ class AddressTable:
 
     def _store(self, key, table: torch.Tensor) -> None:
         if self.device.type == "cuda":
-            table = table.pin_memory().to(self.device, non_blocking=True)
+            # The pinned source is kept with the table: a copy made while a CUDA graph is captured
+            # reads it again at every replay.
+            self._host = table.pin_memory()
+            table = self._host.to(self.device, non_blocking=True)
         self._table, self._key = table, key
 
     def _check_flat(self, x: torch.Tensor) -> None:
