@@ -13,6 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 import twa_kernels as twa  # noqa: E402
+from twa_kernels.optim import twa_state  # noqa: E402
 from reference import batches, make_checkpoints, make_model  # noqa: E402
 
 STEPS = 8
@@ -109,12 +110,149 @@ def worker(rank, world, init_file, out_dir, scenario):
             m = make_model(d_in=5, hidden=7, d_out=3)
             _, _, opt = train(m, back, "sgd", data[:2], rank, world)
             sd = opt.state_dict()
-            sd["twa"]["shard"] = dict(sd["twa"]["shard"], world_size=world + 1)
+            twa_state(sd)["shard"] = dict(twa_state(sd)["shard"], world_size=world + 1)
             try:
                 opt.load_state_dict(sd)
                 result["world_error"] = None
             except ValueError as err:
                 result["world_error"] = str(err)
+    except Exception:
+        result["crash"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+class FsdpNet(torch.nn.Module):
+    """FSDP2 shards no 0-d parameter: the gain is a 1-element vector (at world size 2 and 3 only rank 0
+    holds it), fc2 has 3 rows (one per rank at 3), fc1 7 rows (uneven: 4 + 3, 3 + 3 + 1)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(5, 7, dtype=dtype)
+        self.fc2 = torch.nn.Linear(7, 3, dtype=dtype)
+        self.gain = torch.nn.Parameter(torch.ones(1, dtype=dtype))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.to(self.fc1.weight.dtype)))) * self.gain
+
+
+def fsdp_setup(dtype):
+    model = FsdpNet(dtype)
+    return model, make_checkpoints(model, 5), batches(STEPS, batch=GLOBAL_BATCH, dtype=dtype)
+
+
+def fsdp_train(model, opt, data, rank, world, steps=None):
+    per = GLOBAL_BATCH // world
+    betas = []
+    for x, y in data[:steps]:
+        loss = torch.nn.functional.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        betas.append(opt.beta)
+    return betas
+
+
+def full_weights(model):
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                      for p in model.parameters()])
+
+
+def fsdp_single_process(dtype, bits, name):
+    model, ckpts, data = fsdp_setup(dtype)
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
+    cls, hp = OPTIMIZERS[name]
+    opt = cls(model.parameters(), space, **hp)
+    return fsdp_train(model, opt, data, 0, 1), full_weights(model)
+
+
+def fsdp_worker(rank, world, init_file, out_dir, scenario):
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = {}
+
+    def sharded(dtype=torch.float64, **kw):
+        model, ckpts, data = fsdp_setup(dtype)
+        fully_shard(model, **kw)
+        return model, ckpts, data
+
+    try:
+        if scenario == "trajectories":
+            for dtype in (torch.float64, torch.float32):
+                for bits in (4, None):
+                    for name in OPTIMIZERS:
+                        for reshard in (True, False):
+                            model, ckpts, data = sharded(dtype, reshard_after_forward=reshard)
+                            space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
+                            cls, hp = OPTIMIZERS[name]
+                            opt = cls(model.parameters(), space, **hp)
+                            betas = fsdp_train(model, opt, data, rank, world)
+                            result[(str(dtype), bits, name, reshard)] = {
+                                "betas": betas, "weights": full_weights(model), "comm": opt.comm_bytes,
+                                "nbytes": space.nbytes, "backend": opt.backend}
+        elif scenario == "mixed_precision":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            model, ckpts, data = sharded(torch.float32, mp_policy=policy)
+            space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+            opt = twa.ProjectedAdamW(model.parameters(), space, lr=1e-2)
+            betas = fsdp_train(model, opt, data, rank, world)
+            result = {"betas": betas, "dtype": str(next(model.parameters()).dtype), "weights": full_weights(model)}
+        elif scenario == "dcp":
+            cls, hp = OPTIMIZERS["adamw"]
+            model, ckpts, data = sharded()
+            space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+            opt = cls(model.parameters(), space, **hp)
+            fsdp_train(model, opt, data, rank, world, steps=4)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.save(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+            whole = fsdp_train(model, opt, data[4:], rank, world)
+            fresh, ckpts, _ = sharded()
+            opt2 = cls(fresh.parameters(), twa.Subspace.from_checkpoints(fresh, ckpts, bits=4, progress=False), **hp)
+            state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, opt2)}
+            dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+            set_model_state_dict(fresh, state["model"])
+            set_optimizer_state_dict(fresh, opt2, state["optim"])
+            resumed = fsdp_train(fresh, opt2, data[4:], rank, world)
+            result = {"whole": whole, "resumed": resumed, "w_whole": full_weights(model), "w_resumed": full_weights(fresh)}
+        elif scenario == "dcp_save":  # 4 steps at this world size, then a DCP checkpoint
+            cls, hp = OPTIMIZERS["sgd"]
+            model, ckpts, data = sharded()
+            opt = cls(model.parameters(), twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False), **hp)
+            fsdp_train(model, opt, data, rank, world, steps=4)
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=os.path.join(out_dir, "dcp_resharded"))
+        elif scenario == "dcp_resume":  # the rest of the run at another world size
+            cls, hp = OPTIMIZERS["sgd"]
+            model, ckpts, data = sharded()
+            opt = cls(model.parameters(), twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False), **hp)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp_resharded"))
+            set_model_state_dict(model, state["model"])  # FSDP reshards the model itself
+            try:
+                set_optimizer_state_dict(model, opt, state["optim"])
+                result["error"] = None
+            except ValueError as err:
+                result["error"] = str(err)
+        elif scenario == "bad_checkpoints":
+            model, ckpts, _ = sharded()
+            if rank == world - 1:
+                ckpts = make_checkpoints(FsdpNet(), 5, seed=7)
+            try:
+                twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+                result["error"] = None
+            except ValueError as err:
+                result["error"] = str(err)
+            try:
+                twa.Subspace.from_checkpoints(model, ckpts[:3], bits=4, progress=False, layers="model")
+                result["layers_error"] = None
+            except ValueError as err:
+                result["layers_error"] = str(err)
     except Exception:
         result["crash"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import twa_kernels as twa
+from twa_kernels.optim import twa_state
 from backend_cases import project_bound, random_projection
 from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
@@ -77,11 +78,11 @@ def test_optimizer_step_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         step()
     before = opt.beta
-    steps_before = int(opt.state_dict()["twa"]["step"])
+    steps_before = int(twa_state(opt.state_dict())["step"])
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.equal(before, opt.beta)
-    assert int(opt.state_dict()["twa"]["step"]) == steps_before + 1
+    assert int(twa_state(opt.state_dict())["step"]) == steps_before + 1
 
 
 def test_aot_cubins_are_what_a_launch_compiles(tmp_path):

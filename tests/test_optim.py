@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import twa_kernels as twa
+from twa_kernels.optim import twa_state
 from reference import (adamw_rule, algorithm1, batches, layer_stacks, make_checkpoints, make_model,
                        projection, quantize, sgd_rule)
 
@@ -279,7 +280,7 @@ class TestBadInput:
     def snapshot(self, opt=None):
         model = {k: v.clone() for k, v in self.model.state_dict().items()}
         state = None if opt is None else {k: (v.clone() if torch.is_tensor(v) else v)
-                                          for k, v in opt.state_dict()["twa"].items() if k != "buffers"}
+                                          for k, v in twa_state(opt.state_dict()).items() if k != "buffers"}
         return model, state
 
     def assert_same(self, snap, opt=None):
@@ -287,7 +288,7 @@ class TestBadInput:
         for k, v in self.model.state_dict().items():
             assert torch.equal(model[k], v), k
         if opt is not None:
-            now = opt.state_dict()["twa"]
+            now = twa_state(opt.state_dict())
             for k, v in state.items():
                 assert (torch.equal(v, now[k]) if torch.is_tensor(v) else v == now[k]), k
 
@@ -310,7 +311,7 @@ class TestBadInput:
         opt.step()
         self.assert_same(snap, opt)
         run_steps(self.model, opt, batches(1))
-        assert torch.isfinite(opt.beta).all() and int(opt.state_dict()["twa"]["step"]) == 3
+        assert torch.isfinite(opt.beta).all() and int(twa_state(opt.state_dict())["step"]) == 3
 
     def test_state_dict_from_another_subspace(self):
         opt = twa.ProjectedSGD(self.model.parameters(), self.space, lr=0.1)

@@ -253,3 +253,30 @@ def test_a_parameter_outside_the_subspace_is_named():
     stray = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="'stray' belongs to no layer"):
         twa.ProjectedSGD([*model.named_parameters(), ("stray", stray)], space)
+
+
+def test_distributed_checkpoint_round_trip_in_one_process(tmp_path):
+    """get_optimizer_state_dict / set_optimizer_state_dict and dcp.save / dcp.load carry TWA's state (it
+    lives in the optimizer's per-parameter state); the resumed run is the uninterrupted one, bit for bit."""
+    import warnings as w
+
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    data = batches(8, dtype=torch.float32)
+    model, space = build()
+    opt = twa.ProjectedAdamW(model.parameters(), space, lr=1e-2)
+    train(model, opt, data[:4])
+    with w.catch_warnings():
+        w.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=str(tmp_path / "ckpt"))
+        train(model, opt, data[4:])
+        fresh, fresh_space = build()
+        opt2 = twa.ProjectedAdamW(fresh.parameters(), fresh_space, lr=1e-2)
+        state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, opt2)}
+        dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    train(fresh, opt2, data[4:])
+    assert torch.equal(opt2.beta, opt.beta) and torch.equal(flat(fresh), flat(model))

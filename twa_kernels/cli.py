@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .backends import backend_report, format_backend_report
 from .baselines import ema_weights
 from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint
+from .optim import twa_state
 from .subspace import Subspace
 
 BN_STATISTICS = ("*.running_mean", "*.running_var", "*.num_batches_tracked")
@@ -236,8 +237,9 @@ def _find_twa_state(obj, where: str) -> dict:
     if isinstance(obj, dict):
         candidates += [obj.get("optimizer"), obj.get("optimizer_state_dict"), *(obj.get("optimizer_states") or [])]
     for c in candidates:
-        if isinstance(c, dict) and isinstance(c.get("twa"), dict):
-            return c["twa"]
+        found = twa_state(c)
+        if found is not None:
+            return found
     raise UsageError(f"{where} holds no projected optimizer state (no 'twa' entry): pass a file saved from "
                      "opt.state_dict(), a Trainer's optimizer.pt, or a Lightning checkpoint")
 

@@ -58,7 +58,7 @@ class Builder:
     """Builds a :class:`Subspace` (or this rank's part of it, as its placement says) in three passes."""
 
     def __init__(self, ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress,
-                 shard_mode=None, process_group=None):
+                 shard_mode=None, process_group=None, placement: Placement | None = None):
         self.ckpts, self.names, self.shapes = ckpts, names, shapes
         self.layers_mode, self.decouple_mode, self.scale_mode, self.bits = layers, decouple, scale, bits
         self.n = len(ckpts)
@@ -77,7 +77,9 @@ class Builder:
             self.layer_segments = [segs]
         self.sizes = tuple(sum(s.numel for s in ls) for ls in self.layer_segments)
         self.group = process_group
-        if shard_mode is None:
+        if placement is not None:
+            self.placement = placement
+        elif shard_mode is None:
             self.placement = Placement()
         else:
             self.placement = plan(shard_mode, sum(self.sizes), self.n, dist.get_world_size(process_group),

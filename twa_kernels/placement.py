@@ -17,6 +17,7 @@ placement      what rank r holds                           communication per ste
 ``Replicate``  all of P̃                                    all-reduce of c (n·L numbers)
 ``Rows``       every column of P̃ for its 1/k of the rows   reduce-scatter g + all-reduce c + all-gather w
 ``Columns``    ⌈n/k⌉ columns of every P̃^l (the paper)     all-reduce g + all-reduce of the update
+``Fsdp``       every column for its FSDP2 shards' rows      all-reduce of c (FSDP moves the rest)
 =============  ==========================================  ===============================================
 
 A new mode is one more subclass. Gathering β across ranks is an explicit call
@@ -97,6 +98,9 @@ class Placement:
 
     def check_backend(self, group, device: torch.device) -> None:
         """Raise the same clear error on every rank when the group's backend cannot run this mode."""
+
+    def check_parameters(self, binding) -> None:
+        """Refuse parameters this placement cannot train (every rank alike)."""
 
     def project(self, engine, binding, comm) -> torch.Tensor:
         """c = P̃ᵀḡ for this rank's columns, ḡ the mean of the ranks' local gradients."""
@@ -181,11 +185,23 @@ class _Distributed(Placement):
                              "efficiently; use an NCCL group for CUDA parameters")
 
 
+def _reduce_over_ranks(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
+    """Construction statistics of ranks that each hold part of the rows, combined."""
+    t = tensor.to(collective_device(group))
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                    group=group)
+    return t.cpu()
+
+
 @dataclass(frozen=True)
 class Replicate(_Distributed):
     """Every rank holds all of P̃; P̃ᵀ is linear, so the ranks average n·L projections, not D gradients."""
 
     mode: ClassVar[str] = "replicate"
+
+    def state_tag(self) -> dict:
+        # β, its buffers and the Kahan residue are the same on every rank: a state resumes at any world size
+        return {"mode": self.mode}
 
     def project(self, engine, binding, comm) -> torch.Tensor:
         c = engine.project(binding.grads())
@@ -215,11 +231,7 @@ class Rows(_Distributed):
     def owned(self, binding) -> list[torch.Tensor]:
         return binding.pieces(self.row_start, self.row_stop)
 
-    def reduce(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
-        t = tensor.to(collective_device(group))
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
-                        group=group)
-        return t.cpu()
+    reduce = _reduce_over_ranks
 
     def project(self, engine, binding, comm) -> torch.Tensor:
         # reduce-scatter needs the gradients as one vector of k equal pieces
@@ -298,16 +310,91 @@ class Columns(_Distributed):
         return torch.cat([full[:, r * per: r * per + min(per, n - r * per)] for r in range(self.world_size)], dim=1)
 
 
-MODES = {cls.mode: cls for cls in (Replicate, Rows, Columns)}
-SHARD_MODES = tuple(MODES)
+@dataclass(frozen=True)
+class Fsdp(_Distributed):
+    """FSDP2 (``fully_shard``): rank r holds every column of P̃ for the rows of its own local shards
+    (dim 0, uneven splits, and no row at all of a layer smaller than the world). FSDP reduce-scatters
+    the gradients and all-gathers the weights itself, so the step adds one all-reduce of n·L numbers.
+    β is the same on every rank; a state resumes on any ranks of the same world size."""
+
+    ranges: tuple[tuple[int, int], ...] = ()  # per layer: this rank's element range [a, b)
+    mode: ClassVar[str] = "fsdp"
+
+    reduce = _reduce_over_ranks
+
+    def layer_ranges(self, sizes) -> list[tuple[int, int]]:
+        return [tuple(r) for r in self.ranges]
+
+    def owned(self, binding) -> list[torch.Tensor]:
+        return [t.view(-1) for t in binding.weights() if t.numel()]
+
+    def project(self, engine, binding, comm) -> torch.Tensor:
+        # FSDP's reduce-scatter already averaged the gradients: the ranks' partial P̃ᵀg add up to c.
+        c = engine.project([g.view(-1) for g in binding.grads() if g.numel()])
+        comm.all_reduce(c)
+        return c
+
+    def state_tag(self) -> dict:
+        # Each world size builds the subspace from other per-rank partial sums (its norms differ in the last
+        # bits), so a state resumes at the world size it was saved at.
+        return {"mode": self.mode, "world_size": self.world_size}
+
+    def check_parameters(self, binding) -> None:
+        if binding.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(f"under FSDP2 TWA keeps the sharded parameters in float32 (they are {binding.dtype}): "
+                             "compute in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                             "param_dtype=torch.bfloat16)) instead")
+
+    def check_rank(self, path, group) -> None:
+        here = (dist.get_rank(group), dist.get_world_size(group))
+        if here != (self.rank, self.world_size):
+            raise ValueError(f"{path} holds the FSDP2 shards of rank {self.rank} of {self.world_size}; this process "
+                             f"is rank {here[0]} of {here[1]}: build the subspace again for this sharding")
+
+
+def fsdp_placement(params, layers: str) -> tuple[Fsdp, object]:
+    """(the placement, the process group) of a model whose parameters are FSDP2 DTensors: this rank's
+    element range of every parameter, from its local shard."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
+    if len(meshes) != 1 or not all(isinstance(p, DTensor) for p in params):
+        raise ValueError("a model sharded with FSDP2 must have every trainable parameter sharded on one device mesh "
+                         "(fully_shard the whole model)")
+    if layers != "param":
+        raise ValueError("under FSDP2 each rank holds pieces of every parameter: use layers='param'")
+    (mesh,) = meshes.values()
+    if mesh.ndim != 1:
+        raise ValueError(f"FSDP2 on a {mesh.ndim}-D device mesh (HSDP) is not supported: shard on a 1-D mesh")
+    group = mesh.get_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranges = []
+    for p in params:
+        if tuple(p.placements) != (Shard(0),):
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is placed {p.placements}; TWA under FSDP2 "
+                             "needs dim-0 sharding (FSDP2's default)")
+        rows = p.shape[0] if p.dim() else 1
+        inner = p.numel() // max(rows, 1)
+        chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
+        start = min(rows, rank * chunk)
+        local = p.to_local().numel()
+        if local != (min(rows, start + chunk) - start) * inner:
+            raise ValueError(f"a local shard of {local} elements does not match dim-0 chunking of {tuple(p.shape)}")
+        ranges.append((start * inner, start * inner + local))
+    return Fsdp(world, rank, ranges=tuple(ranges)), group
+
+
+MODES = {cls.mode: cls for cls in (Replicate, Rows, Columns, Fsdp)}
+SHARD_MODES = ("replicate", "rows", "columns")  # what shard= takes; FSDP2 is found from the model
 
 
 def plan(mode: str | None, numel: int, n: int, world_size: int = 1, rank: int = 0) -> Placement:
     """The placement of rank ``rank`` of ``world_size`` for a subspace of ``numel`` weights and n columns."""
     if mode is None:
         return Placement()
-    if mode not in MODES:
-        raise ValueError(f"unknown shard mode {mode!r}: choose one of {', '.join(SHARD_MODES)}")
+    if mode not in SHARD_MODES:
+        raise ValueError(f"unknown shard mode {mode!r}: choose one of {', '.join(SHARD_MODES)} (a model sharded "
+                         "with FSDP2 needs none: its sharding is read from its parameters)")
     if mode == "rows":
         chunk = math.ceil(numel / world_size)
         lo = min(numel, rank * chunk)
@@ -334,4 +421,6 @@ def from_dict(record: dict | None) -> Placement:
     if "padded_numel" in record:  # files written before placements had their own classes
         record["padded"] = record.pop("padded_numel")
     names = {f.name for f in fields(cls)}
+    if "ranges" in record:
+        record["ranges"] = tuple(tuple(r) for r in record["ranges"])
     return cls(**{k: v for k, v in record.items() if k in names})

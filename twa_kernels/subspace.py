@@ -17,7 +17,7 @@ import torch
 from . import storage
 from .checkpoints import CheckpointSet
 from .packing import check_bits
-from .placement import Placement, group_or_world
+from .placement import Placement, fsdp_placement, group_or_world
 from .quantize import SCALE_MODES
 
 DECOUPLE_MODES = ("center", "gram_schmidt", "none")
@@ -68,12 +68,26 @@ def read_non_trainable(model: torch.nn.Module, ckpts: CheckpointSet, trainable: 
     return out
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter), without importing torch.distributed.tensor for
+    models that have none."""
+    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "device_mesh"))
+
+
 @torch.no_grad()
 def write_state(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
-    """Copy ``values`` into the model's own tensors of those names (cast to their dtype and device)."""
+    """Copy ``values`` into the model's own tensors of those names (cast to their dtype and device); an
+    FSDP2-sharded tensor takes this rank's rows of the value."""
     state = model.state_dict(keep_vars=True)
     for name, value in values.items():
-        state[name].copy_(value)
+        target = state[name]
+        if is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            target.to_local().copy_(distribute_tensor(value.to(target.dtype), target.device_mesh,
+                                                      target.placements, src_data_rank=None).to_local())
+        else:
+            target.copy_(value)
 
 
 class Subspace:
@@ -137,10 +151,16 @@ class Subspace:
         _choose(non_trainable, NON_TRAINABLE_MODES, "non_trainable mode")
         names = [nm for nm, _ in named]
         shapes = [tuple(p.shape) for _, p in named]
+        placement = None
+        if any(is_dtensor(p) for _, p in named):
+            if shard is not None:
+                raise ValueError("shard= is for models that are not sharded; a model sharded with FSDP2 brings its "
+                                 "own sharding (each rank builds the rows of its local shards)")
+            placement, process_group = fsdp_placement([p for _, p in named], layers)
         ckpts = CheckpointSet(checkpoints, names, shapes, key_map=key_map, trusted=trusted)
         fixed = read_non_trainable(model, ckpts, set(names)) if non_trainable == "checkpoints" else {}
         space = cls._build(ckpts, names, shapes, bits, decouple, layers, scale, progress, chunk_bytes, shard,
-                           process_group)
+                           process_group, placement)
         write_state(model, fixed)
         return space.bind(model)
 
@@ -161,14 +181,14 @@ class Subspace:
 
     @classmethod
     def _build(cls, ckpts, names, shapes, bits, decouple, layers, scale, progress, chunk_bytes, shard,
-               process_group) -> "Subspace":
+               process_group, placement=None) -> "Subspace":
         if shard is not None:
             process_group = group_or_world(process_group)
         # construction makes Subspace values: imported here so the module dependency runs one way
         from .construction import Builder
 
         return Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
-                       process_group).build()
+                       process_group, placement).build()
 
     # ------------------------------------------------------------------ binding to a model
     def bind(self, model: torch.nn.Module) -> "Subspace":

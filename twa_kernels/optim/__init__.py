@@ -1,5 +1,5 @@
 from .adamw import ProjectedAdamW
-from .base import ProjectedOptimizer
+from .base import ProjectedOptimizer, twa_state
 from .sgd import ProjectedSGD
 
-__all__ = ["ProjectedAdamW", "ProjectedOptimizer", "ProjectedSGD"]
+__all__ = ["ProjectedAdamW", "ProjectedOptimizer", "ProjectedSGD", "twa_state"]

@@ -41,6 +41,19 @@ def _split_named(params):
     return out
 
 
+def twa_state(state_dict) -> dict | None:
+    """TWA's record (β, buffers, step, fingerprint, …) in a projected optimizer's state_dict: in the
+    per-parameter state (where this version keeps it), or at the top level (earlier versions)."""
+    if not isinstance(state_dict, dict):
+        return None
+    if isinstance(state_dict.get("twa"), dict):
+        return state_dict["twa"]
+    for entry in (state_dict.get("state") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("twa"), dict):
+            return entry["twa"]
+    return None
+
+
 class ProjectedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_buffer_names`` and ``_rule``.
 
@@ -75,6 +88,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         ordered = bind_parameters(items, space.names, space.shapes, space.bound_parameters())
         binding = ParameterBinding(ordered, space.names)
         space.placement.check_backend(space.process_group, binding.device)
+        space.placement.check_parameters(binding)
         self._backend_request = backend
         engine = self._make_engine(space, binding)
 
@@ -107,6 +121,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             self._place(beta0)
             self._placed_versions = self._versions()
         self._follow_replaced_parameters(space)
+        self._publish_state()
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -187,6 +202,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["params"] = [old_to_new.get(id(p), p) for p in group["params"]]
         self._binding.replace(new)
+        self._publish_state()
 
     def _follow(self) -> None:
         """After a storage changed: where the parameters went, P̃, β and the state go (O(L) when nothing
@@ -217,6 +233,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if self._compensation is not None:
                 self._compensation.copy_(self._exact_point() - torch.cat(
                     [t.reshape(-1) for t in self._placement.owned(self._binding)]).float())
+        self._publish_state()
 
     @torch.no_grad()
     def _exact_point(self) -> torch.Tensor:
@@ -315,35 +332,53 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["twa"] = {
+    def _publish_state(self) -> None:
+        """Keep TWA's state (β, its buffers, the step, the Kahan residue) in ``self.state`` under the first
+        parameter (the others hold the step count), as torch.optim keeps per-parameter state: ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` carries it like any optimizer state (and, seeing a state, does not
+        run its zero-gradient initialisation step)."""
+        self.state.clear()
+        for p in self._binding.params[1:]:  # every parameter has a state, as torch.optim's (and DCP's strict load) expect
+            self.state[p] = {"step": self._step}
+        self.state[self._binding.params[0]] = {"twa": {
             "optimizer": type(self).__name__,
             "fingerprint": self.space.fingerprint,
-            "beta": self._beta.clone(),
-            "step": self._step.clone(),
-            "buffers": {k: v.clone() for k, v in self._buffers.items()},
-            "compensation": None if self._compensation is None else self._compensation.clone(),
+            "beta": self._beta,
+            "step": self._step,
+            "buffers": self._buffers,
+            "compensation": self._compensation,
             "shard": self._placement.state_tag(),
-        }
+        }}
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for key, entry in sd["state"].items():
+            if "twa" in entry:  # a copy, as the state was when saved (the live entry stays as it is)
+                sd["state"][key] = dict(entry, twa={
+                    k: (v.clone() if torch.is_tensor(v) else {b: t.clone() for b, t in v.items()} if k == "buffers"
+                        else v) for k, v in entry["twa"].items()})
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        twa = state_dict.get("twa") if isinstance(state_dict, dict) else None
+        twa = twa_state(state_dict)
         if twa is None:
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'twa' entry)")
         if twa.get("optimizer") != type(self).__name__:
             raise ValueError(f"state_dict is from {twa.get('optimizer')}, not {type(self).__name__}")
+        here = self._placement.state_tag()
+        if twa.get("shard") != here:
+            def describe(x):
+                if x is None:
+                    return "one process"
+                if "rank" in x:
+                    return f"rank {x['rank']} of {x['world_size']} ({x['mode']})"
+                return x["mode"] + (f" at world size {x['world_size']}" if "world_size" in x else "")
+            raise ValueError(f"state_dict was saved by {describe(twa.get('shard'))}, this optimizer is "
+                             f"{describe(here)}: resume with the same world size and shard mode")
         if twa.get("fingerprint") != self.space.fingerprint:
             raise ValueError(
                 "state_dict comes from a different subspace (fingerprint "
                 f"{twa.get('fingerprint')}, this optimizer's is {self.space.fingerprint})")
-        here = self._placement.state_tag()
-        if twa.get("shard") != here:
-            def describe(x):
-                return "one process" if x is None else f"rank {x['rank']} of {x['world_size']} ({x['mode']})"
-            raise ValueError(f"state_dict was saved by {describe(twa.get('shard'))}, this optimizer is "
-                             f"{describe(here)}: resume with the same world size and shard mode")
         if tuple(twa["beta"].shape) != tuple(self._beta.shape):
             raise ValueError(f"β has shape {tuple(twa['beta'].shape)}, expected {tuple(self._beta.shape)}")
         if set(twa["buffers"]) != set(self._buffers):
@@ -352,6 +387,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if (comp is None) != (self._compensation is None):
             raise ValueError("state_dict was saved for parameters of another precision")
         plain = {k: v for k, v in state_dict.items() if k != "twa"}
+        plain["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "twa"}
+                          for k, v in (state_dict.get("state") or {}).items()}
+        plain["state"] = {k: v for k, v in plain["state"].items() if v}
         super().load_state_dict(plain)  # validates and loads the param groups (lr, …)
         self._beta.copy_(twa["beta"])
         self._step.copy_(twa["step"])
@@ -359,6 +397,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             self._buffers[k].copy_(v)
         if comp is not None:
             self._compensation.copy_(comp)
+        self._publish_state()
         untouched = (self._placed_versions is not None and not getattr(self, "_replaced", False)
                      and self._placed_versions == self._versions())
         if untouched and bool((self._beta != 0).any()):

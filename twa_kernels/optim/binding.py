@@ -60,8 +60,14 @@ def _all_known(items, model_params) -> bool:
     return all(id(t) in known for t, _ in items)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels read: itself, or this rank's shard of an FSDP2 DTensor."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 class ParameterBinding:
-    """The bound parameters (subspace layer order) and the tensors a step hands the kernels."""
+    """The bound parameters (subspace layer order) and the tensors a step hands the kernels. Under FSDP2
+    those are the parameters' and gradients' local shards."""
 
     def __init__(self, params: list[torch.Tensor], names: list[str]):
         self.params = list(params)
@@ -76,7 +82,7 @@ class ParameterBinding:
 
     # ------------------------------------------------------------------ what moved
     def _addresses(self):
-        return tuple(p.data_ptr() for p in self.params)
+        return tuple(local(p).data_ptr() for p in self.params)
 
     def _validate(self) -> tuple[torch.device, torch.dtype]:
         devices = {}
@@ -99,7 +105,7 @@ class ParameterBinding:
             if p.numel() != size:
                 raise ValueError(f"parameter {nm!r} now has {p.numel()} elements, it had {size} when the "
                                  "optimizer was made")
-            if not p.is_contiguous():
+            if not local(p).is_contiguous():
                 raise ValueError(f"parameter {nm!r} is not contiguous (channels_last?): TWA updates weights in place "
                                  "in row-major order; use model.to(memory_format=torch.contiguous_format)")
         (device,) = devices
@@ -124,7 +130,7 @@ class ParameterBinding:
 
     # ------------------------------------------------------------------ what a step reads
     def weights(self) -> list[torch.Tensor]:
-        return self.params
+        return [local(p) for p in self.params]
 
     def grads(self) -> list[torch.Tensor]:
         """Each parameter's gradient as the kernels read it: a missing one reads as zeros, a
@@ -133,9 +139,11 @@ class ParameterBinding:
         for p in self.params:
             g = p.grad
             if g is None:
-                g = self._zero(p.numel())
-            elif not g.is_contiguous():
-                g = g.contiguous()
+                g = self._zero(local(p).numel())
+            else:
+                g = local(g)
+                if not g.is_contiguous():
+                    g = g.contiguous()
             out.append(g)
         return out
 
