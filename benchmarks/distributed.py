@@ -4,14 +4,17 @@
     python -m benchmarks.distributed --model small --n 4 --out-dir DIR   # a smoke test in seconds
 
 Bytes are counted at every collective call (the payload each rank hands to it), over real steps, for
-``replicate``, ``rows`` and ``columns`` (ResNet-50, D = 25,557,032, n = 60, 4 bits) and for DDP SGD
-(counted by a comm hook around its gradient all-reduce). The subspace is synthetic (random codes):
-what moves and what is held does not depend on what P̃ contains.
+``replicate``, ``rows`` and ``columns`` (ResNet-50, D = 25,557,032, n = 60, 4 bits), for DDP SGD
+(counted by a comm hook around its gradient all-reduce), and for an FSDP2 model (``fully_shard`` per
+bottleneck block and at the root) trained with plain SGD and with TWA (FSDP's own all-gathers and
+reduce-scatters counted at torch.distributed's entry points, beside TWA's all-reduce). The subspace is
+synthetic (random codes): what moves and what is held does not depend on what P̃ contains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 
@@ -28,6 +31,48 @@ from twa_kernels.distributed import ring_wire_bytes
 from twa_kernels.testing import synthetic_subspace
 
 MODES = ("replicate", "rows", "columns")
+FSDP_MODES = ("fsdp_sgd", "fsdp_twa")
+# torch.distributed's entry points FSDP2 and TWA call, by the kind of collective each is
+COLLECTIVES = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+               "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
+               "all_reduce": "all_reduce"}
+
+
+@contextlib.contextmanager
+def counted_collectives():
+    """Payload bytes per kind of collective while the block runs: the full-size tensor of each call (the
+    all-gather's output, the reduce-scatter's input), as twa_kernels' Communicator counts."""
+    counts, saved = {}, {}
+    for name, kind in COLLECTIVES.items():
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+
+        def counting(*args, _fn=fn, _kind=kind, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            counts[_kind] = counts.get(_kind, 0) + max(t.numel() * t.element_size() for t in tensors)
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, counting)
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def fsdp_model(name, device):
+    from torch.distributed.fsdp import fully_shard
+
+    from benchmarks.models import Bottleneck
+
+    model = make_model(name).to(device)
+    for block in model.modules():
+        if isinstance(block, Bottleneck):
+            fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def make_model(name: str) -> torch.nn.Module:
@@ -66,6 +111,22 @@ def worker(rank, world, init, out, n, bits, steps, backend, model_name="resnet50
     for _ in range(steps):
         model(x).sum().backward()
     result["ddp_sgd"] = {"bytes_per_step": {"all_reduce": counted["bytes"] / steps}, "p_bytes": 0}
+    # FSDP2: its own all-gathers and reduce-scatters, with plain SGD and with TWA (one all-reduce of n·L more).
+    for mode in FSDP_MODES:
+        torch.manual_seed(0)
+        model = fsdp_model(model_name, device)
+        space = synthetic_subspace(model, n, bits) if mode == "fsdp_twa" else None
+        opt = (twa.ProjectedSGD(model.parameters(), space, lr=0.1, momentum=0.9) if space is not None
+               else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        with counted_collectives() as counts:
+            for _ in range(steps):
+                opt.zero_grad()
+                model(x).sum().backward()
+                opt.step()
+        result[mode] = {"bytes_per_step": {k: v / steps for k, v in counts.items()},
+                        "p_bytes": 0 if space is None else space.nbytes,
+                        "backend": getattr(opt, "backend", "torch.optim.SGD")}
+        del opt, space, model
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -92,7 +153,7 @@ def main(argv=None):
 
     ddp_wire = wire(results[0]["ddp_sgd"]["bytes_per_step"])
     rows = []
-    for mode in ("ddp_sgd",) + MODES:
+    for mode in ("ddp_sgd",) + MODES + FSDP_MODES:
         per = results[0][mode]["bytes_per_step"]
         total = sum(per.values())
         pbytes = [r[mode]["p_bytes"] for r in results]
@@ -103,7 +164,9 @@ def main(argv=None):
           f"{'ResNet-50 (D = 25,557,032)' if args.model == 'resnet50' else 'small ResNet'}, n = {args.n}, {args.bits}-bit; bytes each rank hands to collectives per "
           f"step, counted at every call; commit {str(env['commit'])[:10]}, {env['date']}\n\n"
           + markdown_table(["mode", "per step (payload of rank 0, counted)", "payload MiB/step",
-                            "ring wire MiB/step (derived)", "wire vs DDP SGD", "P̃ MiB on the largest rank"], rows))
+                            "ring wire MiB/step (derived)", "wire vs DDP SGD", "P̃ MiB on the largest rank"], rows)
+          + "\nFSDP2 moves the same bytes with TWA as with SGD, plus one all-reduce of n·L numbers; under FSDP2 each "
+            "rank holds P̃ for its own shards' rows only.\n")
     print(md)
     path = save(f"distributed_{backend}", device, {"world": args.world, "n": args.n, "bits": args.bits,
                                                   "ranks": results}, md, out_dir=args.out_dir)

@@ -357,13 +357,14 @@ def fsdp_placement(params, layers: str) -> tuple[Fsdp, object]:
     element range of every parameter, from its local shard."""
     from torch.distributed.tensor import DTensor, Shard
 
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
-    if len(meshes) != 1 or not all(isinstance(p, DTensor) for p in params):
-        raise ValueError("a model sharded with FSDP2 must have every trainable parameter sharded on one device mesh "
-                         "(fully_shard the whole model)")
+    if not all(isinstance(p, DTensor) for p in params):
+        raise ValueError("a model sharded with FSDP2 must have every trainable parameter sharded (fully_shard the "
+                         "root module too)")
+    mesh = params[0].device_mesh
+    if any(p.device_mesh != mesh for p in params):  # fully_shard per block makes equal meshes, not one object
+        raise ValueError("the model's parameters are sharded on different device meshes: shard them on one")
     if layers != "param":
         raise ValueError("under FSDP2 each rank holds pieces of every parameter: use layers='param'")
-    (mesh,) = meshes.values()
     if mesh.ndim != 1:
         raise ValueError(f"FSDP2 on a {mesh.ndim}-D device mesh (HSDP) is not supported: shard on a 1-D mesh")
     group = mesh.get_group()

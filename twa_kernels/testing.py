@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from .packing import LayerLayout, PackedProjection, pack_codes
-from .placement import group_or_world, plan
-from .subspace import Subspace
+from .placement import fsdp_placement, group_or_world, plan
+from .subspace import Subspace, is_dtensor
 
 
 def random_projection(sizes, n: int, bits: int | None, seed: int = 0, dyadic: bool = False,
@@ -84,10 +84,14 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     sizes = tuple(p.numel() for _, p in named)
     world, rank, group = 1, 0, None
-    if shard is not None:
-        group = group_or_world(process_group)
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-    placement = plan(shard, sum(sizes), n, world, rank)
+    if any(is_dtensor(p) for _, p in named):  # FSDP2: this rank's local shards, as from_checkpoints finds them
+        placement, group = fsdp_placement([p for _, p in named], "param")
+        rank = placement.rank
+    else:
+        if shard is not None:
+            group = group_or_world(process_group)
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+        placement = plan(shard, sum(sizes), n, world, rank)
     ranges = placement.layer_ranges(sizes)
     cols = placement.column_slice(n)
     local = random_projection(tuple(b - a for a, b in ranges), cols.stop - cols.start, bits, seed=seed + 1 + rank)
@@ -98,7 +102,8 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
         scale = torch.rand(len(sizes), n, generator=gen) * 0.01
         zero = -scale * ((1 << bits) - 1) / 2
         local = PackedProjection(local.layout, scale[:, cols].contiguous(), zero[:, cols].contiguous(), local.words)
-    center = torch.cat([p.detach().reshape(-1)[a:b].float().cpu() for (_, p), (a, b) in zip(named, ranges)])
+    center = torch.cat([p.detach().to_local().reshape(-1).float().cpu() if is_dtensor(p) else
+                        p.detach().reshape(-1)[a:b].float().cpu() for (_, p), (a, b) in zip(named, ranges)])
     return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
                     decouple_mode="center", scale_mode="layer", center=center, projection=local,
                     col_norms=torch.ones(len(sizes), n, dtype=torch.float64), transform=None,
