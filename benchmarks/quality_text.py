@@ -43,7 +43,7 @@ from benchmarks.quality import mean_std
 FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, half_epochs=2, per_epoch=6, budget=0.25,
             text_chars=None, seeds=3, soup_runs=4, soup_epochs=0.25)
 QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, half_epochs=1, per_epoch=4, budget=0.25,
-             text_chars=60_000, seeds=1, soup_runs=2, soup_epochs=0.25)
+             text_chars=40_000, seeds=1, soup_runs=2, soup_epochs=0.25)
 BASE_LR, WEIGHT_DECAY, WARMUP = 3e-3, 0.01, 0.05  # AdamW; warm-up as a fraction of the run
 TWA_LR = 1e-2  # ProjectedAdamW; its steps move a layer by about lr·√n (columns of P̃ have unit norm)
 EMA_GAMMA, LAWA_K = 0.7, 4

@@ -18,6 +18,8 @@ SECTIONS = [  # (file prefix, title, command)
     ("roofline", "Projection-step roofline sweep", "python -m benchmarks.roofline"),
     ("kernel_variants", "GPU kernel variants at ResNet-50 size (H100)", "python -m benchmarks.kernel_variants"),
     ("distributed", "Distributed modes: communication and memory at ResNet-50 size", "python -m benchmarks.distributed"),
+    ("quality_text", "Quality on text: head-stage TWA on a character-level language model",
+     "python -m benchmarks.quality_text"),
     ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
     ("streaming", "Streaming construction", "python -m benchmarks.streaming"),
 ]
@@ -29,7 +31,8 @@ def main():
     for prefix, title, command in SECTIONS:
         pattern = re.compile(rf"^{prefix}_(?!headline)[^_]*(_[a-z0-9]+)?\.md$" if prefix == "roofline"
                              else rf"^{prefix}_.*\.md$")
-        for name in (f for f in files if pattern.match(f)):
+        longer = [q for q, _, _ in SECTIONS if q != prefix and q.startswith(prefix + "_")]  # quality_text vs quality
+        for name in (f for f in files if pattern.match(f) and not any(f.startswith(q + "_") for q in longer)):
             with open(os.path.join(RESULTS, name)) as f:
                 body = f.read().strip()
             pngs = [p for p in files if p.startswith(name[:-3]) and p.endswith(".png")]

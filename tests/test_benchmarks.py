@@ -151,3 +151,15 @@ def test_kernel_variants_needs_a_gpu_or_a_small_dry_run():
     out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_variants", "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=dict(env, TRITON_INTERPRET="1"))
     assert out.returncode != 0 and "small --size" in out.stderr
+
+
+def test_quality_text_quick(tmp_path):
+    out = run("-m", "benchmarks.quality_text", "--quick", "--out-dir", str(tmp_path))
+    assert "test bpc" in out and "on this task" in out
+    data = json.loads((tmp_path / "quality_text_quick_cpu.json").read_text())
+    assert data["data"]["split"]["train"][0] == 0 and data["data"]["split"]["test"][1] == data["data"]["characters"]
+    head = data["head_stage"][0]
+    # every method was trained and evaluated: finite bits per character, far below a uniform guess
+    uniform = __import__("math").log2(len(data["data"]["vocabulary"]))
+    assert all(0 < r["test"] < uniform for r in head.values())
+    assert (tmp_path / "quality_text_quick_cpu_curve.png").stat().st_size > 0
