@@ -24,6 +24,18 @@ OPTIMIZERS = {
 }
 
 
+def launch(worker, world, scenario, tmp_path):
+    """Run ``worker`` on ``world`` gloo ranks; each rank's result, after checking that none crashed."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(world, str(tmp_path / f"init_{scenario}"), str(tmp_path), scenario),
+                       nprocs=world, join=True, start_method="spawn")
+    results = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results
+
+
 def setup():
     model = make_model(d_in=5, hidden=7, d_out=3)  # float64, odd sizes, a 0-d parameter
     ckpts = make_checkpoints(model, 5)  # n = 5: uneven over 2 and 3 ranks

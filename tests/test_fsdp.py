@@ -6,7 +6,6 @@ same clear errors on every rank."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dist_worker
 
@@ -15,12 +14,7 @@ pytest.importorskip("torch.distributed.fsdp")
 
 
 def launch(world, scenario, tmp_path):
-    mp.start_processes(dist_worker.fsdp_worker, args=(world, str(tmp_path / f"init_{scenario}"), str(tmp_path),
-                                                      scenario), nprocs=world, join=True, start_method="spawn")
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
-    return results
+    return dist_worker.launch(dist_worker.fsdp_worker, world, scenario, tmp_path)
 
 
 @pytest.fixture(scope="module")

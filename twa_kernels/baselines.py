@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import label, load_state_dict, open_checkpoint
 
-__all__ = ["swa", "ema", "lawa", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean"]
+__all__ = ["swa", "ema", "lawa", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean", "open_matching", "average_tensor"]
 
 
 def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=None, trusted: bool = False,
@@ -29,6 +29,14 @@ def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=No
         raise ValueError("no checkpoints to average")
     if len(weights) != len(checkpoints):
         raise ValueError("one weight per checkpoint")
+    sources = open_matching(checkpoints, key_map=key_map, trusted=trusted)
+    keys = list(sources[0].keys())
+    bar = tqdm(keys, desc="averaging", unit="tensor", disable=(None if progress is None else not progress))
+    return {k: average_tensor(sources, weights, k) for k in bar}
+
+
+def open_matching(checkpoints: Sequence, *, key_map=None, trusted: bool = False) -> list:
+    """The checkpoints' sources, checked to hold the same names with the same shapes."""
     sources = [open_checkpoint(ck, key_map=key_map, trusted=trusted, where=label(ck, i))
                for i, ck in enumerate(checkpoints)]
     first = sources[0]
@@ -39,22 +47,26 @@ def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=No
             raise ValueError(f"{source.label} has other keys than {first.label} (e.g. {', '.join(map(repr, extra))})")
         for k in keys:
             if source.shape(k) != first.shape(k):
-                raise ValueError(f"{source.label}: {k!r} has shape {source.shape(k)}, {first.label} {first.shape(k)}")
-    out = {}
-    for k in tqdm(keys, desc="averaging", unit="tensor", disable=(None if progress is None else not progress)):
-        dtype = first.dtype(k)
-        if not dtype.is_floating_point:
-            out[k] = sources[-1].tensor(k).clone()  # integer entries: keep the last checkpoint's
-            continue
-        acc = torch.zeros(first.shape(k), dtype=torch.float64)
-        for source, wt in zip(sources, weights):
-            v = source.tensor(k)
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{source.label}: {k!r} contains NaN or Inf")
-            acc += wt * v.detach().to("cpu", torch.float64)
-        out[k] = acc.to(dtype)
-    return out
+                raise ValueError(f"{source.label}: {k!r} has shape {source.shape(k)}, {first.label} has "
+                                 f"{first.shape(k)}")
+    return sources
 
+
+def average_tensor(sources, weights: Sequence[float], key: str) -> torch.Tensor:
+    """Σ_i weights[i] · tensor ``key`` of source i, in float64, returned in the tensor's dtype; an integer
+    tensor is the last source's."""
+    first = sources[0]
+    dtype = first.dtype(key)
+    if not dtype.is_floating_point:
+        return sources[-1].tensor(key).clone()
+    acc = torch.zeros(first.shape(key), dtype=torch.float64)
+    for source, wt in zip(sources, weights):
+        v = source.tensor(key)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{source.label}: {key!r} contains NaN or Inf")
+        if wt:
+            acc += wt * v.detach().to("cpu", torch.float64)
+    return acc.to(dtype)
 
 
 def swa(checkpoints: Sequence, **read) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backends import backend_report, format_backend_report
-from .baselines import ema_weights
+from .baselines import average_tensor, ema_weights, open_matching
 from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint
 from .optim import twa_state
 from .subspace import Subspace
@@ -88,19 +88,14 @@ def _average(args) -> int:
     if len(inputs) < 2:
         raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
     weights = _weights(args, len(inputs))
-    sources = [open_checkpoint(p, trusted=args.trusted, where=label(p, i)) for i, p in enumerate(inputs)]
+    sources = open_matching(inputs, trusted=args.trusted)
     first = sources[0]
     keys = list(first.keys())
-    for s in sources[1:]:
-        if set(s.keys()) != set(keys):
-            diff = sorted(set(s.keys()) ^ set(keys))[:3]
-            raise UsageError(f"{s.label} holds other tensors than {first.label} (e.g. {', '.join(diff)})")
-        for k in keys:
-            if s.shape(k) != first.shape(k):
-                raise UsageError(f"{s.label}: {k!r} has shape {s.shape(k)}, {first.label} has {first.shape(k)}")
     hf = all(_hf_folder(p) is not None for p in inputs)
     out = os.fspath(args.output)
     if hf:
+        if os.path.exists(out):
+            raise UsageError(f"{out} exists: give a new folder for the averaged model")
         groups, index_name = _output_groups(inputs, first)
     else:
         if not out.endswith(".safetensors"):
@@ -115,18 +110,7 @@ def _average(args) -> int:
             for file_name, group in groups:
                 tensors = {}
                 for k in group:
-                    dtype = first.dtype(k)
-                    if not dtype.is_floating_point:
-                        tensors[k] = sources[-1].tensor(k).contiguous()
-                    else:
-                        acc = torch.zeros(first.shape(k), dtype=torch.float64)
-                        for s, w in zip(sources, weights):
-                            v = s.tensor(k)
-                            if not torch.isfinite(v).all():
-                                raise UsageError(f"{s.label}: {k!r} contains NaN or Inf")
-                            if w:
-                                acc += w * v.to(torch.float64)
-                        tensors[k] = acc.to(dtype).contiguous()
+                    tensors[k] = average_tensor(sources, weights, k).contiguous()
                     weight_map[k] = file_name
                     bar.update(1)
                 save_file(tensors, os.path.join(staging, file_name), metadata={"format": "pt"})
@@ -139,8 +123,6 @@ def _average(args) -> int:
                 if os.path.isfile(src) and name.endswith((".json", ".txt", ".model", ".py")) \
                         and "index" not in name and name not in ("trainer_state.json",):
                     shutil.copy2(src, os.path.join(staging, name))
-            if os.path.exists(out):
-                raise UsageError(f"{out} exists: give a new folder for the averaged model")
             os.replace(staging, out)
         else:
             os.replace(os.path.join(staging, groups[0][0]), out)
