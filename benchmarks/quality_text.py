@@ -272,7 +272,8 @@ def plot(curves, head, cfg, path):
 def verdict(head, cfg) -> str:
     E, B = cfg["half_epochs"], cfg["budget"]
     full = [h[f"base run, {2 * E} epochs"]["test"] for h in head]
-    best = min(("TWA-t, 4 bits", "TWA-v, 4 bits"), key=lambda k: statistics.mean(h[k]["test"] for h in head))
+    # which TWA speaks for the method is chosen on the validation split, never on the test split
+    best = min(("TWA-t, 4 bits", "TWA-v, 4 bits"), key=lambda k: statistics.mean(h[k]["val"] for h in head))
     got = [h[best]["test"] for h in head]
     spread = max(statistics.stdev(full) if len(full) > 1 else 0.0, statistics.stdev(got) if len(got) > 1 else 0.0)
     diff = statistics.mean(got) - statistics.mean(full)
