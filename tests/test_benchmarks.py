@@ -82,9 +82,13 @@ def test_distributed_smoke(tmp_path):
     data = json.loads(next(tmp_path.glob("distributed_*.json")).read_text())
     assert len(data["ranks"]) == 2
     for rank in data["ranks"]:
-        assert set(rank) == {"ddp_sgd", "replicate", "rows", "columns"}
+        assert set(rank) == {"ddp_sgd", "replicate", "rows", "columns", "fsdp_sgd", "fsdp_twa"}
         # replicate sends n·L numbers per step where DDP sends D: far less
         assert sum(rank["replicate"]["bytes_per_step"].values()) < sum(rank["ddp_sgd"]["bytes_per_step"].values()) / 10
+        # under FSDP2, TWA moves what FSDP moves for SGD plus one all-reduce of n·L numbers
+        sgd, twa_ = rank["fsdp_sgd"]["bytes_per_step"], rank["fsdp_twa"]["bytes_per_step"]
+        assert {k: v for k, v in twa_.items() if k != "all_reduce"} == sgd
+        assert twa_["all_reduce"] == rank["replicate"]["bytes_per_step"]["all_reduce"]
 
 
 def test_streaming_smoke(tmp_path):
