@@ -36,6 +36,15 @@ def launch(worker, world, scenario, tmp_path):
     return results
 
 
+def error_of(fn, *args, **kwargs) -> str | None:
+    """The message of the ValueError ``fn(*args, **kwargs)`` raises, or None when it raises none."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def setup():
     model = make_model(d_in=5, hidden=7, d_out=3)  # float64, odd sizes, a 0-d parameter
     ckpts = make_checkpoints(model, 5)  # n = 5: uneven over 2 and 3 ranks
@@ -106,11 +115,8 @@ def worker(rank, world, init_file, out_dir, scenario):
         elif scenario == "different_checkpoints":
             model, _, _ = setup()
             ckpts = make_checkpoints(model, 5, seed=1 + (rank == world - 1))
-            try:
-                twa.Subspace.from_checkpoints(model, ckpts, bits=4, shard="rows", progress=False)
-                result["error"] = None
-            except ValueError as err:
-                result["error"] = str(err)
+            result["error"] = error_of(twa.Subspace.from_checkpoints, model, ckpts, bits=4, shard="rows",
+                                       progress=False)
         elif scenario == "save_load":
             model, ckpts, data = setup()
             space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, shard="rows", progress=False)
@@ -123,11 +129,7 @@ def worker(rank, world, init_file, out_dir, scenario):
             _, _, opt = train(m, back, "sgd", data[:2], rank, world)
             sd = opt.state_dict()
             twa_state(sd)["shard"] = dict(twa_state(sd)["shard"], world_size=world + 1)
-            try:
-                opt.load_state_dict(sd)
-                result["world_error"] = None
-            except ValueError as err:
-                result["world_error"] = str(err)
+            result["world_error"] = error_of(opt.load_state_dict, sd)
     except Exception:
         result["crash"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -246,25 +248,14 @@ def fsdp_worker(rank, world, init_file, out_dir, scenario):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp_resharded"))
             set_model_state_dict(model, state["model"])  # FSDP reshards the model itself
-            try:
-                set_optimizer_state_dict(model, opt, state["optim"])
-                result["error"] = None
-            except ValueError as err:
-                result["error"] = str(err)
+            result["error"] = error_of(set_optimizer_state_dict, model, opt, state["optim"])
         elif scenario == "bad_checkpoints":
             model, ckpts, _ = sharded()
             if rank == world - 1:
                 ckpts = make_checkpoints(FsdpNet(), 5, seed=7)
-            try:
-                twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
-                result["error"] = None
-            except ValueError as err:
-                result["error"] = str(err)
-            try:
-                twa.Subspace.from_checkpoints(model, ckpts[:3], bits=4, progress=False, layers="model")
-                result["layers_error"] = None
-            except ValueError as err:
-                result["layers_error"] = str(err)
+            result["error"] = error_of(twa.Subspace.from_checkpoints, model, ckpts, bits=4, progress=False)
+            result["layers_error"] = error_of(twa.Subspace.from_checkpoints, model, ckpts[:3], bits=4, progress=False,
+                                              layers="model")
     except Exception:
         result["crash"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

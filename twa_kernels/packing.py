@@ -119,21 +119,22 @@ class LayerLayout:
     @cached_property
     def param_offsets(self) -> torch.Tensor:
         """int64 [L + 1]: layer l is ``flat[param_offsets[l]:param_offsets[l + 1]]``."""
-        return _cumsum_from_zero(self.sizes)
+        return cumsum_from_zero(self.sizes)
 
     @cached_property
     def word_offsets(self) -> torch.Tensor:
         """int64 [L + 1]: layer l's codes are ``words[word_offsets[l]:word_offsets[l + 1]]``."""
         if self.bits is None:
             raise ValueError("an fp32 subspace has no packed words")
-        return _cumsum_from_zero([words_for(s * self.n, self.bits) for s in self.sizes])
+        return cumsum_from_zero([words_for(s * self.n, self.bits) for s in self.sizes])
 
     @property
     def num_words(self) -> int:
         return int(self.word_offsets[-1])
 
 
-def _cumsum_from_zero(values) -> torch.Tensor:
+def cumsum_from_zero(values) -> torch.Tensor:
+    """int64 [len + 1]: 0, then the running sums of ``values`` (offsets of consecutive pieces)."""
     out = torch.zeros(len(values) + 1, dtype=torch.int64)
     out[1:] = torch.cumsum(torch.tensor(list(values), dtype=torch.int64), 0)
     return out

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.contract import Segments
-from .backends.numerics import apply_update
+from .backends.numerics import accumulation_dtype, apply_update
 from .distributed import Communicator
 
 
@@ -285,8 +285,7 @@ class Columns(_Distributed):
 
     def apply(self, engine, binding, delta, compensation, comm) -> None:
         # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.
-        update = binding.buffer("update", binding.numel, torch.float64 if binding.dtype == torch.float64
-                                else torch.float32)
+        update = binding.buffer("update", binding.numel, accumulation_dtype(binding.dtype))
         update.zero_()
         engine.expand(update, delta)
         comm.all_reduce(update)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..packing import LayerLayout, PackedProjection
+from ..packing import LayerLayout, PackedProjection, cumsum_from_zero
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -106,13 +106,11 @@ class KernelTables:
         sizes = torch.tensor(segments.sizes, **long)
         counts = (sizes + rows_per_program - 1) // rows_per_program
         prog_seg = torch.repeat_interleave(torch.arange(segments.count, **long), counts)
-        seg_first = torch.zeros(segments.count + 1, **long)
-        seg_first[1:] = torch.cumsum(counts, 0)
+        seg_first = cumsum_from_zero(counts.tolist())
         prog_row = (torch.arange(int(seg_first[-1]), **long) - seg_first[prog_seg]) * rows_per_program
         per_layer = torch.zeros(lay.num_layers, **long)
         per_layer.index_add_(0, torch.tensor(segments.layer, **long), counts)
-        layer_prog = torch.zeros(lay.num_layers + 1, **long)
-        layer_prog[1:] = torch.cumsum(per_layer, 0)
+        layer_prog = cumsum_from_zero(per_layer.tolist())
         to = lambda t: t.to(device)  # noqa: E731
         return cls(words=to(projection.words), word_off=to(lay.word_offsets[:-1]),
                    seg_layer=to(torch.tensor(segments.layer, **long)), seg_row=to(torch.tensor(segments.row, **long)),
@@ -144,7 +142,7 @@ class AddressTable:
 
     def __init__(self, segments: Segments, device: torch.device, role: str):
         self.segments, self.device, self.role = segments, device, role
-        self._offsets = torch.tensor([0, *segments.sizes[:-1]], dtype=torch.int64).cumsum(0)
+        self._offsets = cumsum_from_zero(segments.sizes)[:-1]
         self._key = None
         self._table = None
         self._host = None

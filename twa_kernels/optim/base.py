@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from ..backends import make_engine
+from ..backends.numerics import accumulation_dtype
 from ..subspace import Subspace
 from .binding import ParameterBinding, bind_parameters
 
@@ -102,7 +103,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._nonfinite = nonfinite
         self._placement = space.placement
         self._comm = self._placement.communicator(space.process_group)
-        acc = torch.float64 if binding.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(binding.dtype)
         device = binding.device
         # β of the columns this rank holds (all of them unless column-sharded)
         shape = (space.num_layers, space.projection.layout.n)
@@ -218,7 +219,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._placement.check_backend(self.space.process_group, device)
         self._engine = self._make_engine(self.space, self._binding)
         self.backend = self._engine.name
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(dtype)
         self._beta = self._beta.to(device, acc)
         self._step = self._step.to(device, acc)
         self._buffers = {k: v.to(device, acc) for k, v in self._buffers.items()}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..subspace import is_dtensor
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -62,7 +64,7 @@ def _all_known(items, model_params) -> bool:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor the kernels read: itself, or this rank's shard of an FSDP2 DTensor."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 class ParameterBinding:
