@@ -19,34 +19,14 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
 from twa_kernels.backends import triton_kernels as tk  # noqa: E402
+from twa_kernels.backends.aot import compile_launch  # noqa: E402
 from twa_kernels.testing import random_projection  # noqa: E402
 
 # A layer of 4096 + 7 rows (several programs, a partial tile) and a one-row layer; n = 60 as in the
 # paper's Table 13.
 SIZES, N = (4096 * 40 + 7, 1), 60
-
-
-class CompileOnlyDriver:
-    """What ``JITFunction.run(warmup=True)`` asks of the active driver, for a GPU that is not here."""
-
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-    def is_active(self):
-        return True
 
 
 def variants():
@@ -68,13 +48,6 @@ def variants():
                 if comp or dtype == torch.float32:
                     (launch,) = eng.expand_launches(addresses, dtype, addresses if comp else None, s)
                     yield f"expand {bits}-bit {dt}{' +kahan' if comp else ''}", launch
-
-
-def compile_launch(launch, arch: int):
-    """The kernel a launch of ``launch`` compiles on an sm_``arch`` GPU."""
-    driver.set_active(CompileOnlyDriver(arch))
-    launch.kernel.device_caches.clear()  # the binder keeps the target it was made for
-    return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constants)
 
 
 def tensor_arguments(launch) -> list[int]:

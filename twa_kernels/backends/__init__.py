@@ -12,6 +12,8 @@ probe that says why not, and the command that fixes it), and how to make its eng
 
 =========  ==========================================================================
 ``triton``  fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``)
+``triton_plane``  the v2 Triton kernels on the plane device layout (:mod:`.triton_plane`); selectable,
+            not yet taken by ``"auto"``: no GPU run has measured them
 ``cuda``    CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
 ``cpp``     CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
 ``torch``   the plain reference (dequantize a chunk, then matmul), any device
@@ -90,6 +92,12 @@ def _triton_engine(projection, device, segments):
     return TritonEngine(projection, device, segments)
 
 
+def _triton_plane_engine(projection, device, segments):
+    from .triton_plane import TritonPlaneEngine
+
+    return TritonPlaneEngine(projection, device, segments)
+
+
 def _extension_engine(projection, device, segments):
     return extension.ExtensionEngine(projection, device, segments)
 
@@ -101,6 +109,8 @@ def _torch_engine(projection, device, segments):
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", ("cuda", "cpu"), _probe_triton, _triton_engine,
             "fused Triton kernels, all layers per launch"),
+    Backend("triton_plane", ("cuda", "cpu"), _probe_triton, _triton_plane_engine,
+            "v2 Triton kernels on the plane layout (selectable; not measured on a GPU yet)"),
     Backend("cuda", ("cuda",), _extension_probe("cuda"), _extension_engine, "CUDA C++ kernels from csrc/"),
     Backend("cpp", ("cpu",), _extension_probe("cpu"), _extension_engine,
             "C++/OpenMP kernels from csrc/ (AVX2 + FMA where the CPU has it)"),

@@ -198,6 +198,11 @@ class AddressTable:
                              "use backend='torch' for float64")
 
 
+def check_compensation(dtype: torch.dtype) -> None:
+    if dtype != torch.bfloat16:
+        raise ValueError(f"the compensation buffer must be bfloat16, got {dtype}")
+
+
 def split_segments(x, segments: Segments) -> list[torch.Tensor]:
     """``x`` (a flat tensor or a list of segment tensors) as a list of flat segment views, for the
     engines that work tensor by tensor (the torch reference, dense fp32)."""
@@ -244,8 +249,7 @@ class PackedEngine:
         c_addr = None
         if compensation is not None:
             c_addr, c_dtype = self._comp_addr(compensation)
-            if c_dtype != torch.bfloat16:
-                raise ValueError(f"the compensation buffer must be bfloat16, got {c_dtype}")
+            check_compensation(c_dtype)
         delta = delta.to(self.device, torch.float32)
         u = (self.scale * delta).contiguous()
         s = (self.zero * delta).sum(dim=1).contiguous()

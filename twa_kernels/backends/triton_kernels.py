@@ -172,12 +172,19 @@ if AVAILABLE:
 
     @triton.jit
     def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
-        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order."""
+        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order. ``mask``
+        None: every offset is in range (no predicates)."""
         ptr = w_ptr + offs
-        w = tl.load(ptr, mask=mask, other=0.0)
+        if mask is None:
+            w = tl.load(ptr)
+        else:
+            w = tl.load(ptr, mask=mask, other=0.0)
         if HAS_COMP:
             cptr = comp_ptr + offs
-            comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
+            if mask is None:
+                comp = tl.load(cptr).to(tl.float32)
+            else:
+                comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
             y = w.to(tl.float32) + (dw + comp)
             new = _round_to(y, w_ptr.dtype.element_ty)
             tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
