@@ -35,6 +35,14 @@ def candidates(proj, device, dry_run=False):
         def make(tile=tile, warps=warps, tiles=tiles):
             return TritonEngine(proj, device, tile_codes=tile, num_warps=warps, tiles_per_program=tiles)
         out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make))
+    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+
+    # v2 kernels on the plane layout (not yet GPU-measured): warps per tile, tiles per program, column block
+    plane = [(1, 2, 8)] if dry_run else [(4, 2, 8), (4, 4, 8), (4, 1, 8), (8, 2, 8), (4, 2, 4), (4, 2, 16)]
+    for warps, tiles, jb in plane:
+        def make(warps=warps, tiles=tiles, jb=jb):
+            return TritonPlaneEngine(proj, device, num_warps=warps, tiles_per_program=tiles, column_block=jb)
+        out.append((f"triton_plane warps={warps} tiles/program={tiles} column block={jb}", make))
     if "cuda" in available_backends(device):
         out.append(("cuda", lambda: make_engine(proj, device, "cuda")))
     return out
@@ -50,6 +58,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--layers", type=int, default=161, help="layers the size is split into (ResNet-50 has 161)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--device", default="auto",
                    help="cuda; cpu only with TRITON_INTERPRET=1, as a dry run of the whole script (no timing "
@@ -62,7 +71,7 @@ def main(argv=None):
     if device.type != "cuda" and args.size > 100_000:
         raise SystemExit(f"a dry run in the Triton interpreter takes a small --size (at most 100000, got {args.size})")
     announce_backends(device)
-    sizes = layer_sizes_like_a_cnn(args.size)
+    sizes = layer_sizes_like_a_cnn(args.size, args.layers)
     proj = random_projection(sizes, args.n, args.bits, device=device)
     L = len(sizes)
     gen = torch.Generator(device=device).manual_seed(0)

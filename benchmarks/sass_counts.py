@@ -121,14 +121,14 @@ def count(backend, kernel, bits, cubin, codes, workdir, name=None, check_ffma=Fa
     return LoopCount(backend, kernel, bits, len(body), ffma, codes, registers(cubin, workdir).get(fname))
 
 
-def triton_counts(n: int, workdir: str) -> list[LoopCount]:
+def triton_counts(n: int, workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
     from twa_kernels.backends.triton_kernels import TritonEngine
     from twa_kernels.backends.triton_plane import TritonPlaneEngine
 
     out = []
     L = len(SIZES)
     addresses = torch.zeros(L, dtype=torch.int64)
-    for bits in (1, 2, 4, 8):
+    for bits in widths:
         proj = random_projection(SIZES, n, bits)
         eng = TritonEngine(proj, torch.device("cpu"), tile_codes=4096, tiles_per_program=32)
         threads = 32 * eng.num_warps
@@ -148,7 +148,7 @@ def triton_counts(n: int, workdir: str) -> list[LoopCount]:
     return out
 
 
-def cuda_counts(workdir: str) -> list[LoopCount]:
+def cuda_counts(workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
     """The CUDA kernels of csrc/ compiled by nvcc for sm_90 (skipped where nvcc is not installed)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -169,6 +169,8 @@ def cuda_counts(workdir: str) -> list[LoopCount]:
             ffma = sum(opcode(i).startswith("FFMA") for i in body)
             kernel = "project" if "project" in m.group(1) else "expand"
             backend = "cuda_plane" if "plane" in m.group(1) else "cuda"
+            if int(m.group(2)) not in widths:
+                continue
             # One FFMA per code in every CUDA kernel's inner loop: the FFMAs count its codes.
             out.append(LoopCount(backend, kernel, int(m.group(2)), len(body), ffma, max(1, ffma), regs.get(fname)))
     return out
@@ -188,12 +190,13 @@ def render(env, rows, n) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=60)
+    p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_counts compiles for a GPU: unset TRITON_INTERPRET")
     with tempfile.TemporaryDirectory() as workdir:
-        counts = triton_counts(args.n, workdir) + cuda_counts(workdir)
+        counts = triton_counts(args.n, workdir, args.bits) + cuda_counts(workdir, args.bits)
     rows = [dict(asdict(c), per_code=c.per_code) for c in counts]
     env = environment(torch.device("cpu"))
     env["device"] = f"none (offline compile for sm_{ARCH})"

@@ -45,3 +45,17 @@ def expand_bound(proj, delta, w):
         terms = (q * proj.scale[l].double().abs() + proj.zero[l].double().abs()) @ delta[l].double().abs()
         out.append(2 * (lay.n + 3) * U32 * (terms + w[off:off + s].double().abs()))
     return torch.cat(out)
+
+
+def float_case(proj, seed):
+    """Random fp32 g, Δβ and w for ``proj``, the reference's c and w + P̃Δβ, and the fp32 bounds on both."""
+    from twa_kernels.backends.torch_ref import TorchEngine
+
+    ref = TorchEngine(proj, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(proj.layout.numel, generator=gen)
+    delta = torch.randn(proj.layout.num_layers, proj.layout.n, generator=gen)
+    w = torch.randn(proj.layout.numel, generator=gen)
+    w_ref = w.clone()
+    ref.expand(w_ref, delta)
+    return g, delta, w, ref.project(g), w_ref, project_bound(proj, g), expand_bound(proj, delta, w)

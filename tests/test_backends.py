@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import twa_kernels as twa
-from backend_cases import EDGE_SIZES, exact_vectors, expand_bound, project_bound, random_projection
+from backend_cases import EDGE_SIZES, exact_vectors, float_case, random_projection
 from reference import batches, make_checkpoints, make_model
 from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.contract import Segments
@@ -75,15 +75,7 @@ def assert_exact(proj, engs, device):
 def test_float_inputs_within_fp32_bound(backend, device, bits, n):
     sizes = EDGE_SIZES if n < 300 else (1, 33, 700)
     proj = random_projection(sizes, n, bits, seed=7 * bits + n)
-    ref = TorchEngine(proj, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(n)
-    g = torch.randn(proj.layout.numel, generator=gen)
-    delta = torch.randn(len(sizes), n, generator=gen)
-    w = torch.randn(proj.layout.numel, generator=gen)
-    c_ref = ref.project(g)
-    w_ref = w.clone()
-    ref.expand(w_ref, delta)
-    pb, eb = project_bound(proj, g), expand_bound(proj, delta, w)
+    g, delta, w, c_ref, w_ref, pb, eb = float_case(proj, n)
     for eng in engines(proj, backend, device):
         c = eng.project(g.to(device)).cpu()
         assert torch.all((c.double() - c_ref.double()).abs() <= pb)

@@ -11,7 +11,7 @@ from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-GPU_BACKENDS = ["triton", "cuda"]
+GPU_BACKENDS = ["triton", "triton_plane", "cuda"]
 
 
 def _gpu_backend(name):
@@ -109,7 +109,7 @@ def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
     g = torch.randn(sum(SIZES), device="cuda")
     eng.project(g)
     eng.expand(g.clone(), torch.zeros(len(SIZES), N, device="cuda"))
-    addresses, _ = eng._grad_addr(g)
+    addresses, _ = eng.addresses.grads(g)
     t, gsum = torch.empty(len(SIZES), N, device="cuda"), torch.empty(len(SIZES), device="cuda")
     project = eng.project_launches(addresses, torch.float32, t, gsum)[0]
     (expand,) = eng.expand_launches(addresses, torch.float32, None, gsum)

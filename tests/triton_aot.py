@@ -50,6 +50,29 @@ def variants():
                     yield f"expand {bits}-bit {dt}{' +kahan' if comp else ''}", launch
 
 
+def plane_variants():
+    """The v2 plane kernels at 4 bits: project (fp32, bf16), expand (fp32, bf16 + Kahan), the reduction."""
+    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+
+    eng = TritonPlaneEngine(random_projection(SIZES, N, 4), torch.device("cpu"))
+    L = len(SIZES)
+    addresses = torch.zeros(L, dtype=torch.int64)
+    c, delta = torch.empty(L, N), torch.zeros(L, N)
+    for dtype in (torch.float32, torch.bfloat16):
+        dt = str(dtype).split(".")[-1]
+        project, reduce = eng.project_launches(addresses, dtype, c)
+        yield f"plane project 4-bit {dt}", project
+        comp = addresses if dtype == torch.bfloat16 else None
+        (expand,) = eng.expand_launches(addresses, dtype, comp, delta)
+        yield f"plane expand 4-bit {dt}{' +kahan' if comp is not None else ''}", expand
+    yield "plane reduce", reduce
+
+
+def all_variants():
+    yield from variants()
+    yield from plane_variants()
+
+
 def tensor_arguments(launch) -> list[int]:
     return [i for i, a in enumerate(launch.args) if isinstance(a, torch.Tensor)]
 
@@ -59,7 +82,7 @@ def check_specialization(arch: int) -> int:
     them 16-byte aligned, on the CPU as on a GPU) is marked 16-divisible, and the same launch made
     again with fresh tensors finds the compiled kernel under the launch's own cache key."""
     count = 0
-    for name, launch in variants():
+    for name, launch in all_variants():
         kernel = compile_launch(launch, arch)
         attrs = {k[0]: v for k, v in kernel.src.attrs.items()}
         for i in tensor_arguments(launch):
@@ -73,7 +96,7 @@ def check_specialization(arch: int) -> int:
 
 def main(archs, dump=None):
     for arch in archs:
-        for name, launch in variants():
+        for name, launch in all_variants():
             kernel = compile_launch(launch, int(arch))
             cubin = kernel.asm["cubin"]
             assert len(cubin) > 0, name

@@ -198,9 +198,26 @@ class AddressTable:
                              "use backend='torch' for float64")
 
 
-def check_compensation(dtype: torch.dtype) -> None:
-    if dtype != torch.bfloat16:
-        raise ValueError(f"the compensation buffer must be bfloat16, got {dtype}")
+class EngineAddresses:
+    """The address tables of one engine: gradients (project), weights and their compensation (expand)."""
+
+    def __init__(self, segments: Segments, device: torch.device):
+        self._grads = AddressTable(segments, device, "gradients")
+        self._weights = AddressTable(segments, device, "weights")
+        self._comp = AddressTable(segments, device, "compensation")
+
+    def grads(self, grads) -> tuple[torch.Tensor, torch.dtype]:
+        return self._grads(grads)
+
+    def weights(self, weights, compensation=None) -> tuple[torch.Tensor, torch.dtype, torch.Tensor | None]:
+        """(weight addresses, their dtype, compensation addresses or None); the compensation is bf16."""
+        w_addr, dtype = self._weights(weights)
+        if compensation is None:
+            return w_addr, dtype, None
+        c_addr, c_dtype = self._comp(compensation)
+        if c_dtype != torch.bfloat16:
+            raise ValueError(f"the compensation buffer must be bfloat16, got {c_dtype}")
+        return w_addr, dtype, c_addr
 
 
 def split_segments(x, segments: Segments) -> list[torch.Tensor]:
@@ -233,23 +250,17 @@ class PackedEngine:
         self.tables = KernelTables.build(projection, self.segments, rows_per_program, self.device)
         self.scale = projection.scale.to(self.device).contiguous()
         self.zero = projection.zero.to(self.device).contiguous()
-        self._grad_addr = AddressTable(self.segments, self.device, "gradients")
-        self._weight_addr = AddressTable(self.segments, self.device, "weights")
-        self._comp_addr = AddressTable(self.segments, self.device, "compensation")
+        self.addresses = EngineAddresses(self.segments, self.device)
 
     def project(self, grads) -> torch.Tensor:
         """c = P̃ᵀg, ``[L, n]`` float32, for a flat gradient vector or a list of segment tensors."""
-        addresses, dtype = self._grad_addr(grads)
+        addresses, dtype = self.addresses.grads(grads)
         t, gsum = self._project_codes(addresses, dtype)
         return self.scale * t + self.zero * gsum[:, None]
 
     def expand(self, weights, delta: torch.Tensor, compensation=None) -> None:
         """weights += P̃Δβ in place; with ``compensation`` (bf16, like ``weights``), Kahan-compensated."""
-        w_addr, dtype = self._weight_addr(weights)
-        c_addr = None
-        if compensation is not None:
-            c_addr, c_dtype = self._comp_addr(compensation)
-            check_compensation(c_dtype)
+        w_addr, dtype, c_addr = self.addresses.weights(weights, compensation)
         delta = delta.to(self.device, torch.float32)
         u = (self.scale * delta).contiguous()
         s = (self.zero * delta).sum(dim=1).contiguous()

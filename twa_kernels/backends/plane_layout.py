@@ -135,7 +135,7 @@ class PlaneLayout:
         """The inverse of :meth:`pack` for one layer: uint8 codes [D_l, n] (for tests and checks)."""
         start = int(self.word_offsets()[layer])
         mask = (1 << self.bits) - 1
-        R, PW, E = self.tile_rows, self.tile_words, self.per_word
+        PW, E = self.tile_words, self.per_word
         shifts = torch.arange(E, dtype=torch.int64, device=words.device) * self.bits
         pieces = []
         for t in range(self.tiles(layer)):

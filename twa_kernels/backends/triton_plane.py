@@ -43,7 +43,7 @@ except ImportError:
     AVAILABLE = False
 
 from ..packing import PackedProjection
-from .contract import AddressTable, Segments, check_compensation
+from .contract import EngineAddresses, Segments
 from .plane_layout import PlaneLayout, PlaneTables
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -363,9 +363,7 @@ class TritonPlaneEngine:
         self.n_p2 = max(16, 1 << max(0, (lay.n - 1).bit_length()))
         self.part_t = torch.empty(self.tables.num_programs, self.n_pad, dtype=torch.float32, device=self.device)
         self.part_g = torch.empty(self.tables.num_programs, dtype=torch.float32, device=self.device)
-        self._grad_addr = AddressTable(self.segments, self.device, "gradients")
-        self._weight_addr = AddressTable(self.segments, self.device, "weights")
-        self._comp_addr = AddressTable(self.segments, self.device, "compensation")
+        self.addresses = EngineAddresses(self.segments, self.device)
 
     def _geometry(self):
         tb = self.tables
@@ -398,7 +396,7 @@ class TritonPlaneEngine:
 
     def project(self, grads) -> torch.Tensor:
         """c = P̃ᵀg, ``[L, n]`` float32, for a flat gradient vector or a list of segment tensors."""
-        addresses, dtype = self._grad_addr(grads)
+        addresses, dtype = self.addresses.grads(grads)
         c = torch.empty(self.layout.num_layers, self.layout.n, dtype=torch.float32, device=self.device)
         launches = self.project_launches(addresses, dtype, c)
         if self.tables.num_programs == 0:  # this rank holds no rows: c = 0 from the reduction alone
@@ -410,11 +408,7 @@ class TritonPlaneEngine:
 
     def expand(self, weights, delta: torch.Tensor, compensation=None) -> None:
         """weights += P̃Δβ in place; with ``compensation`` (bf16, like ``weights``), Kahan-compensated."""
-        w_addr, dtype = self._weight_addr(weights)
-        c_addr = None
-        if compensation is not None:
-            c_addr, c_dtype = self._comp_addr(compensation)
-            check_compensation(c_dtype)
+        w_addr, dtype, c_addr = self.addresses.weights(weights, compensation)
         if self.tables.num_programs == 0:
             return
         delta = delta.to(self.device, torch.float32).contiguous()
