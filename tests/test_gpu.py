@@ -113,7 +113,14 @@ def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
     t, gsum = torch.empty(len(SIZES), N, device="cuda"), torch.empty(len(SIZES), device="cuda")
     project = eng.project_launches(addresses, torch.float32, t, gsum)[0]
     (expand,) = eng.expand_launches(addresses, torch.float32, None, gsum)
-    for name, launch in (("project_4-bit_float32", project), ("expand_4-bit_float32", expand)):
+    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    plane = TritonPlaneEngine(random_projection(SIZES, N, 4), torch.device("cuda"))
+    plane.project(g)
+    plane.expand(g.clone(), torch.zeros(len(SIZES), N, device="cuda"))
+    plane_project = plane.project_launches(addresses, torch.float32, t)[0]
+    (plane_expand,) = plane.expand_launches(addresses, torch.float32, None, t)
+    for name, launch in (("project_4-bit_float32", project), ("expand_4-bit_float32", expand),
+                         ("plane_project_4-bit_float32", plane_project), ("plane_expand_4-bit_float32", plane_expand)):
         launched = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constants)  # the launch's cache entry
         offline = (tmp_path / f"sm{arch}_{name}.cubin").read_bytes()
         assert launched.asm["cubin"] == offline, name

@@ -10,14 +10,14 @@ flat vector of all layers (:mod:`.contract`: the kernel contract every packed ba
 registry (:data:`REGISTRY`): each names the devices it runs on, how to tell whether it runs here (a
 probe that says why not, and the command that fixes it), and how to make its engine.
 
-=========  ==========================================================================
-``triton``  fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``)
-``triton_plane``  the v2 Triton kernels on the plane device layout (:mod:`.triton_plane`); selectable,
-            not yet taken by ``"auto"``: no GPU run has measured them
-``cuda``    CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
-``cpp``     CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
-``torch``   the plain reference (dequantize a chunk, then matmul), any device
-=========  ==========================================================================
+================  ==========================================================================
+``triton``        fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``)
+``triton_plane``  the v2 Triton kernels on the plane device layout (:mod:`.triton_plane`);
+                  selectable, not yet taken by ``"auto"``: no GPU run has measured them
+``cuda``          CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
+``cpp``           CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
+``torch``         the plain reference (dequantize a chunk, then matmul), any device
+================  ==========================================================================
 
 An explicit backend probes (and, for the extension, compiles) nothing but itself. ``"auto"`` takes
 the fastest backend that runs, and when that is not the fastest there is for the device, it warns
@@ -239,6 +239,7 @@ def format_backend_report(report: list[BackendStatus]) -> str:
     """The report as lines a person reads: per device, first what runs and, when a faster backend is off,
     why and the command that fixes it; then every backend (* runs, + available, - off)."""
     lines = []
+    width = max((len(r.name) for r in report), default=0) + 1
     for device in dict.fromkeys(r.device for r in report):
         rows = [r for r in report if r.device == device]
         chosen = next((r for r in rows if r.chosen), None)
@@ -251,5 +252,5 @@ def format_backend_report(report: list[BackendStatus]) -> str:
         for r in rows:
             mark = "*" if r.chosen else ("+" if r.available else "-")
             text = r.detail if r.available else f"off: {r.detail}" + (f" (fix: {r.fix})" if r.fix else "")
-            lines.append(f"  {mark} {r.name:<7}{text}")
+            lines.append(f"  {mark} {r.name:<{width}}{text}")
     return "\n".join(lines)
