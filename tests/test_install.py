@@ -113,7 +113,7 @@ def test_backends_command_reports_what_auto_takes():
                          text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert {r["name"] for r in report if r["device"] == "cpu"} == {"triton", "cpp", "torch"}
+    assert {r["name"] for r in report if r["device"] == "cpu"} == {"triton", "triton_plane", "cpp", "torch"}
     chosen = [r["name"] for r in report if r["chosen"] and r["device"] == "cpu"]
     assert chosen == [backends.resolve_backend("auto", "cpu")]
     for r in report:

@@ -71,7 +71,7 @@ def test_plane_words_hold_the_canonical_codes(bits, n):
         assert plane.num_words * (32 // bits) <= (sum(EDGE_SIZES) + len(EDGE_SIZES) * plane.per_word * plane.vec) * n
 
 
-@pytest.mark.parametrize("bits,n", [(1, 3), (2, 5), (4, 1), (4, 17), (8, 3), (1, 1), (8, 33)])
+@pytest.mark.parametrize("bits,n", [(1, 3), (2, 5), (4, 1), (4, 17), (8, 3)])
 def test_exact_on_dyadic_inputs(bits, n):
     proj = random_projection(EDGE_SIZES, n, bits, seed=bits * 100 + n, dyadic=True)
     g, delta, w = exact_vectors(proj.layout.numel, len(EDGE_SIZES), n)
@@ -85,7 +85,7 @@ def test_exact_at_the_headline_width():
     assert_same_bits(proj, plane_engines(proj, small_only=True), g, delta, w)
 
 
-@pytest.mark.parametrize("bits,n", [(4, 5), (1, 7), (2, 9), (8, 17)])
+@pytest.mark.parametrize("bits,n", [(4, 5), (1, 7)])
 def test_float_inputs_within_fp32_bound(bits, n):
     proj = random_projection(EDGE_SIZES, n, bits, seed=7 * bits + n)
     g, delta, w, c_ref, w_ref, pb, eb = float_case(proj, n)
