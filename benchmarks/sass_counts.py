@@ -93,32 +93,34 @@ def opcode(ins: str) -> str:
     return parts[1] if parts[0].startswith("@") else parts[0]
 
 
-def disassemble(cubin: bytes, workdir: str) -> str:
+def write_cubin(cubin: bytes, workdir: str) -> str:
     path = os.path.join(workdir, "kernel.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
+    return path
+
+
+def disassemble(path: str) -> str:
     return subprocess.run([triton_tool("cuobjdump"), "--dump-sass", path], capture_output=True, text=True,
                           check=True).stdout
 
 
-def registers(cubin: bytes, workdir: str) -> dict[str, int]:
-    path = os.path.join(workdir, "kernel.cubin")
-    with open(path, "wb") as f:
-        f.write(cubin)
+def registers(path: str) -> dict[str, int]:
     out = subprocess.run([triton_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
                          check=True).stdout
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)", out)}
 
 
 def count(backend, kernel, bits, cubin, codes, workdir, name=None, check_ffma=False) -> LoopCount:
-    funcs = functions(disassemble(cubin, workdir))
+    path = write_cubin(cubin, workdir)
+    funcs = functions(disassemble(path))
     fname = name or next(iter(funcs))
     body = hot_loop(funcs[fname])
     ffma = sum(opcode(i).startswith("FFMA") for i in body)
     if check_ffma and ffma != codes:
         raise AssertionError(f"{backend} {kernel} {bits}-bit: {ffma} FFMAs in the hot loop, the geometry says "
                              f"{codes} codes per iteration")
-    return LoopCount(backend, kernel, bits, len(body), ffma, codes, registers(cubin, workdir).get(fname))
+    return LoopCount(backend, kernel, bits, len(body), ffma, codes, registers(path).get(fname))
 
 
 def triton_counts(n: int, workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
@@ -158,9 +160,8 @@ def cuda_counts(workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
         cubin_path = os.path.join(workdir, source.stem + ".cubin")
         subprocess.run([nvcc, "-O3", f"-arch=sm_{ARCH}", "-cubin", "-I", str(ROOT / "csrc"), str(source), "-o",
                         cubin_path], check=True, capture_output=True)
-        cubin = Path(cubin_path).read_bytes()
-        funcs = functions(disassemble(cubin, workdir))
-        regs = registers(cubin, workdir)
+        funcs = functions(disassemble(cubin_path))
+        regs = registers(cubin_path)
         for fname, code in funcs.items():
             m = re.search(r"(project_partials|expand_rows|plane_project|plane_expand)ILi(\d)E", fname)
             if not m or not re.search(r"(If|float)", fname.split("ILi")[1]):  # the fp32 instance

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -78,13 +79,14 @@ class PlaneLayout:
     def layer_words(self, layer: int) -> int:
         return self.n * (self.full_tiles(layer) * self.tile_words + self.tail_words(layer))
 
+    @cached_property
     def word_offsets(self) -> torch.Tensor:
         """int64 [L + 1]: layer l's plane words are ``[word_offsets[l], word_offsets[l + 1])``."""
         return cumsum_from_zero([self.layer_words(l) for l in range(len(self.sizes))])
 
     @property
     def num_words(self) -> int:
-        return int(self.word_offsets()[-1])
+        return int(self.word_offsets[-1])
 
     def padding(self) -> float:
         """Extra bytes over the canonical format, as a fraction of it."""
@@ -100,7 +102,7 @@ class PlaneLayout:
         device = torch.device(device)
         source = projection.to(device) if projection.device != device else projection
         out = torch.empty(self.num_words, dtype=torch.int32, device=device)
-        offs = self.word_offsets().tolist()
+        offs = self.word_offsets.tolist()
         R, PW = self.tile_rows, self.tile_words
         step = max(1, chunk_rows // R)
         for l, size in enumerate(self.sizes):
@@ -133,7 +135,7 @@ class PlaneLayout:
 
     def layer_codes(self, words: torch.Tensor, layer: int) -> torch.Tensor:
         """The inverse of :meth:`pack` for one layer: uint8 codes [D_l, n] (for tests and checks)."""
-        start = int(self.word_offsets()[layer])
+        start = int(self.word_offsets[layer])
         mask = (1 << self.bits) - 1
         PW, E = self.tile_words, self.per_word
         shifts = torch.arange(E, dtype=torch.int64, device=words.device) * self.bits
@@ -187,7 +189,7 @@ class PlaneTables:
         def long(values: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.int64).to(device)
 
-        return cls(words=words, word_off=plane.word_offsets()[:-1].to(device),
+        return cls(words=words, word_off=plane.word_offsets[:-1].to(device),
                    full_tiles=long(plane.full_tiles(l) for l in range(L)),
                    tail_words=long(plane.tail_words(l) for l in range(L)),
                    seg_layer=long(segments.layer), seg_row=long(segments.row), seg_size=long(segments.sizes),

@@ -89,16 +89,20 @@ if AVAILABLE:
         return 1.0 / (1 << _field_pos(I, BITS))
 
     # A tree of joins over the E fields of the words x [T, V]: the leaf of field I is what KIND names.
-    # VALUE: the field as a float (q·2^pos); ZERO: 0.0; SCALE: 2^-pos; ROW: q + I·pw (its row in the tile).
-    VALUE, ZERO, SCALE, ROW = 0, 1, 2, 3
+    # VALUE: the field as a float (q·2^pos); ZERO: 0.0; SCALE: 2^-pos; ROW: q + I·pw (its row in the tile;
+    # with pw = 0, the word index q itself in the tree's shape).
+    VALUE = tl.constexpr(0)
+    ZERO = tl.constexpr(1)
+    SCALE = tl.constexpr(2)
+    ROW = tl.constexpr(3)
 
     @triton.jit
     def _leaf(x, q, pw, I: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, KIND: tl.constexpr):
-        if KIND == 0:
+        if KIND == VALUE:
             out = _field(x, I, BITS, USE_ASM)
-        elif KIND == 1:
+        elif KIND == ZERO:
             out = tl.zeros(q.shape, tl.float32)
-        elif KIND == 2:
+        elif KIND == SCALE:
             out = tl.full(q.shape, _field_scale(I, BITS), tl.float32)
         else:
             out = q + I * pw
@@ -282,29 +286,29 @@ if AVAILABLE:
         if HAS_COMP:
             comp_ptr = _layer_base(comp_addr_ptr, seg, lo, tl.bfloat16, V, ALIGNED)
         q = tl.arange(0, T)[:, None] * V + tl.arange(0, V)[None, :]
-        scales = _fields(q, q, PW, BITS, USE_ASM, 2)
+        scales = _fields(q, q, PW, BITS, USE_ASM, SCALE)
         a, b = _full_range(t0, t1, lo, hi, full_tiles, R)
         for tile in range(a, b):  # whole tiles inside the segment: no predicates
             wb = word_base + tile * (N * PW)
-            acc = _fields(q, q, PW, BITS, USE_ASM, 1)
+            acc = _fields(q, q, PW, BITS, USE_ASM, ZERO)
             for j in tl.range(0, N, loop_unroll_factor=UNROLL):
                 x = tl.load(words_ptr + wb + (j * PW + q), cache_modifier=".cg")
                 u = tl.load(scale_ptr + layer * N + j) * tl.load(delta_ptr + layer * N + j)
-                acc += _fields(x, q, PW, BITS, USE_ASM, 0) * u
-            rows = tile * R + _fields(q, q, PW, BITS, USE_ASM, 3)
+                acc += _fields(x, q, PW, BITS, USE_ASM, VALUE) * u
+            rows = tile * R + _fields(q, q, PW, BITS, USE_ASM, ROW)
             _update_weights(w_ptr, comp_ptr, rows, None, acc * scales + s, HAS_COMP)
         for tile in range(t0, t1):  # the (at most two) tiles a layer's end or a segment boundary cuts
             if (tile < a) | (tile >= b):
                 wb = word_base + tile * (N * PW)
                 pw = tl.where(tile < full_tiles, PW, tail_pw)
                 in_tile = q < pw
-                acc = _fields(q, q, PW, BITS, USE_ASM, 1)
+                acc = _fields(q, q, PW, BITS, USE_ASM, ZERO)
                 for j in range(0, N):
                     x = tl.load(words_ptr + wb + (j * pw + q), mask=in_tile, other=0)
                     u = tl.load(scale_ptr + layer * N + j) * tl.load(delta_ptr + layer * N + j)
-                    acc += _fields(x, q, pw, BITS, USE_ASM, 0) * u
-                rows = tile * R + _fields(q, q, pw, BITS, USE_ASM, 3)
-                mask = (_fields(q, q, 0, BITS, USE_ASM, 3) < pw) & (rows >= lo) & (rows < hi)
+                    acc += _fields(x, q, pw, BITS, USE_ASM, VALUE) * u
+                rows = tile * R + _fields(q, q, pw, BITS, USE_ASM, ROW)
+                mask = (_fields(q, q, 0, BITS, USE_ASM, ROW) < pw) & (rows >= lo) & (rows < hi)
                 _update_weights(w_ptr, comp_ptr, rows, mask, acc * scales + s, HAS_COMP)
 
     @triton.jit
@@ -378,7 +382,7 @@ class TritonPlaneEngine:
         tb = self.tables
         n = self.layout.n
         return [
-            Launch(_plane_project_kernel, (max(1, tb.num_programs),),
+            Launch(_plane_project_kernel, (tb.num_programs,),
                    (tb.words, addresses, *self._geometry(), self.part_t, self.part_g),
                    dict(G_DTYPE=TL_DTYPES[dtype], JB=self.column_block, N_PAD=self.n_pad, **self._shape())),
             Launch(_plane_reduce_kernel, (self.layout.num_layers,),
@@ -389,7 +393,7 @@ class TritonPlaneEngine:
     def expand_launches(self, addresses, dtype, comp_addresses, delta) -> list:
         tb = self.tables
         comp = addresses if comp_addresses is None else comp_addresses
-        return [Launch(_plane_expand_kernel, (max(1, tb.num_programs),),
+        return [Launch(_plane_expand_kernel, (tb.num_programs,),
                        (tb.words, addresses, comp, self.scale, self.zero, delta, *self._geometry()),
                        dict(N_P2=self.n_p2, W_DTYPE=TL_DTYPES[dtype], UNROLL=self.unroll,
                             HAS_COMP=comp_addresses is not None, **self._shape()))]
@@ -400,7 +404,6 @@ class TritonPlaneEngine:
         c = torch.empty(self.layout.num_layers, self.layout.n, dtype=torch.float32, device=self.device)
         launches = self.project_launches(addresses, dtype, c)
         if self.tables.num_programs == 0:  # this rank holds no rows: c = 0 from the reduction alone
-            self.part_g.zero_()
             launches = launches[1:]
         for launch in launches:
             launch()
