@@ -15,6 +15,8 @@ probe that says why not, and the command that fixes it), and how to make its eng
 ``triton_plane``  the v2 Triton kernels on the plane device layout (:mod:`.triton_plane`);
                   selectable, not yet taken by ``"auto"``: no GPU run has measured them
 ``cuda``          CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
+``cuda_plane``    the v2 CUDA kernels on the plane layout (:mod:`.cuda_plane`, in ``_C_cuda``);
+                  selectable, not yet taken by ``"auto"``: no GPU run has measured them
 ``cpp``           CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
 ``torch``         the plain reference (dequantize a chunk, then matmul), any device
 ================  ==========================================================================
@@ -98,6 +100,12 @@ def _triton_plane_engine(projection, device, segments):
     return TritonPlaneEngine(projection, device, segments)
 
 
+def _cuda_plane_engine(projection, device, segments):
+    from .cuda_plane import CudaPlaneEngine
+
+    return CudaPlaneEngine(projection, device, segments)
+
+
 def _extension_engine(projection, device, segments):
     return extension.ExtensionEngine(projection, device, segments)
 
@@ -112,6 +120,8 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("triton_plane", ("cuda", "cpu"), _probe_triton, _triton_plane_engine,
             "v2 Triton kernels on the plane layout (selectable; not measured on a GPU yet)"),
     Backend("cuda", ("cuda",), _extension_probe("cuda"), _extension_engine, "CUDA C++ kernels from csrc/"),
+    Backend("cuda_plane", ("cuda",), _extension_probe("cuda"), _cuda_plane_engine,
+            "v2 CUDA kernels on the plane layout (selectable; not measured on a GPU yet)"),
     Backend("cpp", ("cpu",), _extension_probe("cpu"), _extension_engine,
             "C++/OpenMP kernels from csrc/ (AVX2 + FMA where the CPU has it)"),
     Backend("torch", ("cuda", "cpu"), lambda device: Availability(True, "always"), _torch_engine,

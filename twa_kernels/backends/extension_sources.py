@@ -16,7 +16,7 @@ import os
 
 CSRC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc"))
 CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp", "twa_cpu_avx2.cpp"]
-CUDA_SOURCES = ["twa_bindings_cuda.cpp", "twa_cuda_launch.cpp", "twa_cuda.cu"]
+CUDA_SOURCES = ["twa_bindings_cuda.cpp", "twa_cuda_launch.cpp", "twa_cuda.cu", "twa_cuda_plane.cu"]
 MODULES = {"cpu": "_C", "cuda": "_C_cuda"}
 # Compiled for these GPUs when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (a CUDA build of torch
 # on a machine without a GPU): Ampere and Hopper natively, newer GPUs through the PTX.

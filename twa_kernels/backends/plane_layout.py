@@ -1,4 +1,5 @@
-"""The *plane* device layout of P̃'s codes, read by the v2 GPU kernels (``triton_plane``, ``cuda_plane``).
+"""The *plane* device layout of P̃'s codes, read by the v2 GPU kernels (``triton_plane``, ``cuda_plane``),
+and what their engines share (:class:`PlaneEngine`).
 
 The canonical packed format (:mod:`twa_kernels.packing`: row-major codes, first code in the low
 bits) is what is saved, loaded and read on the CPU. On a GPU the engine permutes it once, when P̃
@@ -29,7 +30,7 @@ from functools import cached_property
 import torch
 
 from ..packing import PackedProjection, codes_per_word, cumsum_from_zero
-from .contract import Segments
+from .contract import EngineAddresses, Segments
 
 
 def words_per_load(bits: int) -> int:
@@ -158,6 +159,7 @@ class PlaneTables:
     cuts is visited by the program of each segment, each taking its own rows. Programs come in layer
     order, so a layer's partial sums are ``[layer_prog[l], layer_prog[l + 1])``, summed in a fixed order."""
 
+    plane: PlaneLayout
     words: torch.Tensor  # int32: the plane words
     word_off: torch.Tensor  # [L]
     full_tiles: torch.Tensor  # [L]
@@ -189,7 +191,7 @@ class PlaneTables:
         def long(values: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.int64).to(device)
 
-        return cls(words=words, word_off=plane.word_offsets[:-1].to(device),
+        return cls(plane=plane, words=words, word_off=plane.word_offsets[:-1].to(device),
                    full_tiles=long(plane.full_tiles(l) for l in range(L)),
                    tail_words=long(plane.tail_words(l) for l in range(L)),
                    seg_layer=long(segments.layer), seg_row=long(segments.row), seg_size=long(segments.sizes),
@@ -199,3 +201,30 @@ class PlaneTables:
     @property
     def num_programs(self) -> int:
         return self.prog_seg.numel()
+
+
+class PlaneEngine:
+    """What the plane engines share: P̃'s plane words on the device (one copy, permuted from the
+    canonical words once), the launch tables, the scales and zeros of the affine fold, project's
+    partial buffers (rows padded to ``column_block``) and the address tables. Subclasses launch."""
+
+    name = "plane"
+
+    def __init__(self, projection: PackedProjection, device, segments: Segments | None, threads: int,
+                 tiles_per_program: int, column_block: int):
+        lay = projection.layout
+        if lay.bits is None:
+            raise ValueError("the plane layout holds packed codes; an fp32 P is a dense matmul")
+        self.layout = lay
+        self.device = torch.device(device)
+        self.segments = segments if segments is not None else Segments.per_layer(lay)
+        self.plane = PlaneLayout(tuple(lay.sizes), lay.n, lay.bits, threads)
+        self.tables = PlaneTables.build(self.plane, self.plane.pack(projection, self.device), self.segments,
+                                        tiles_per_program, self.device)
+        self.scale = projection.scale.to(self.device, torch.float32).contiguous()
+        self.zero = projection.zero.to(self.device, torch.float32).contiguous()
+        self.column_block = column_block
+        self.n_pad = -(-lay.n // column_block) * column_block
+        self.part_t = torch.empty(self.tables.num_programs, self.n_pad, dtype=torch.float32, device=self.device)
+        self.part_g = torch.empty(self.tables.num_programs, dtype=torch.float32, device=self.device)
+        self.addresses = EngineAddresses(self.segments, self.device)

@@ -43,8 +43,8 @@ except ImportError:
     AVAILABLE = False
 
 from ..packing import PackedProjection
-from .contract import EngineAddresses, Segments
-from .plane_layout import PlaneLayout, PlaneTables
+from .contract import Segments
+from .plane_layout import PlaneEngine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCE_ROWS = 64
@@ -335,7 +335,7 @@ if AVAILABLE:
                             word_base, full_tiles, tail_pw, N, W_DTYPE, BITS, V, T, UNROLL, USE_ASM, HAS_COMP, False)
 
 
-class TritonPlaneEngine:
+class TritonPlaneEngine(PlaneEngine):
     """P̃ in the plane layout on one device, and its three launches: project, its reduction (with the
     affine fold), expand (with u and s). ``num_warps`` sets the tile's threads (``threads`` overrides
     it, for tests that want many small tiles); ``tiles_per_program``, ``column_block`` (project's
@@ -348,26 +348,12 @@ class TritonPlaneEngine:
                  column_block: int = 8, unroll: int = 2):
         if not AVAILABLE:
             raise RuntimeError("triton is not installed")
-        lay = projection.layout
-        if lay.bits is None:
-            raise ValueError("the plane layout holds packed codes; an fp32 P is a dense matmul")
-        self.layout = lay
-        self.device = torch.device(device)
-        self.segments = segments if segments is not None else Segments.per_layer(lay)
-        self.num_warps, self.column_block, self.unroll = num_warps, column_block, unroll
-        self.plane = PlaneLayout(tuple(lay.sizes), lay.n, lay.bits, threads or 32 * num_warps)
+        self.num_warps, self.unroll = num_warps, unroll
         # Two tiles per program on a GPU (the prototype's measured-best shape); in the interpreter, which
         # runs one program at a time, fewer, longer programs are faster.
         tiles = tiles_per_program or (8 if INTERPRET else 2)
-        self.tables = PlaneTables.build(self.plane, self.plane.pack(projection, self.device), self.segments, tiles,
-                                        self.device)
-        self.scale = projection.scale.to(self.device, torch.float32).contiguous()
-        self.zero = projection.zero.to(self.device, torch.float32).contiguous()
-        self.n_pad = -(-lay.n // column_block) * column_block
-        self.n_p2 = max(16, 1 << max(0, (lay.n - 1).bit_length()))
-        self.part_t = torch.empty(self.tables.num_programs, self.n_pad, dtype=torch.float32, device=self.device)
-        self.part_g = torch.empty(self.tables.num_programs, dtype=torch.float32, device=self.device)
-        self.addresses = EngineAddresses(self.segments, self.device)
+        super().__init__(projection, device, segments, threads or 32 * num_warps, tiles, column_block)
+        self.n_p2 = max(16, 1 << max(0, (self.layout.n - 1).bit_length()))
 
     def _geometry(self):
         tb = self.tables
