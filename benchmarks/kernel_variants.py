@@ -45,6 +45,12 @@ def candidates(proj, device, dry_run=False):
         out.append((f"triton_plane warps={warps} tiles/program={tiles} column block={jb}", make))
     if "cuda" in available_backends(device):
         out.append(("cuda", lambda: make_engine(proj, device, "cuda")))
+        # the v2 CUDA kernels on the plane layout (not yet GPU-measured): tiles per program
+        from twa_kernels.backends.cuda_plane import CudaPlaneEngine
+
+        for tiles in (2, 4, 1):
+            out.append((f"cuda_plane tiles/program={tiles}",
+                        lambda tiles=tiles: CudaPlaneEngine(proj, device, tiles_per_program=tiles)))
     return out
 
 

@@ -163,8 +163,9 @@ def cuda_counts(workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
         funcs = functions(disassemble(cubin_path))
         regs = registers(cubin_path)
         for fname, code in funcs.items():
-            m = re.search(r"(project_partials|expand_rows|plane_project|plane_expand)ILi(\d)E", fname)
-            if not m or not re.search(r"(If|float)", fname.split("ILi")[1]):  # the fp32 instance
+            # the fp32 instance: the template arguments are <BITS, float>, mangled "ILi<BITS>Ef"
+            m = re.search(r"(project_partials|expand_rows|plane_project|plane_expand)ILi(\d)Ef", fname)
+            if not m:
                 continue
             body = hot_loop(code)
             ffma = sum(opcode(i).startswith("FFMA") for i in body)

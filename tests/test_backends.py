@@ -16,9 +16,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def kernel_backends():
     out = []
     for dev in DEVICES:
-        for b in ("triton", "cpp", "cuda"):
+        for b in ("triton", "cpp", "cuda", "cuda_plane"):
             marks = () if b in available_backends(dev) else (pytest.mark.skip(reason=f"{b} unavailable on {dev}"),)
-            if (b == "cuda") == (dev == "cuda") or b == "triton":
+            if b.startswith("cuda") == (dev == "cuda") or b == "triton":
                 out.append(pytest.param(b, dev, marks=marks, id=f"{b}-{dev}"))
     return out
 
@@ -30,7 +30,10 @@ def engines(proj, backend, device, segments=None):
     """The backend under test at default tiles, and with small tiles (many programs per layer); for
     cpp also its vectorised kernel on small runs and its portable kernel alone."""
     out = [make_engine(proj, device, backend, segments=segments)]
-    if backend == "triton":
+    if backend == "cuda_plane":  # one tile per program: more programs per layer
+        from twa_kernels.backends.cuda_plane import CudaPlaneEngine
+        out.append(CudaPlaneEngine(proj, torch.device(device), segments, tiles_per_program=1))
+    elif backend == "triton":
         from twa_kernels.backends.triton_kernels import TritonEngine
         out.append(TritonEngine(proj, torch.device(device), segments, block_rows=16, rows_per_program=48))
     else:

@@ -11,7 +11,7 @@ from twa_kernels.backends import available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-GPU_BACKENDS = ["triton", "triton_plane", "cuda"]
+GPU_BACKENDS = ["triton", "triton_plane", "cuda", "cuda_plane"]
 
 
 def _gpu_backend(name):

@@ -5,6 +5,7 @@ compiles them (``tests/triton_aot.py``)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,7 @@ def test_plane_kernels_issue_at_most_four_instructions_per_code(tmp_path):
     assert all(v <= 4 for v in plane.values()), plane
     shipped = {r["kernel"]: r["per_code"] for r in rows if r["backend"] == "triton"}
     assert all(plane[("triton_plane", k)] < shipped[k] for k in ("project", "expand"))
+    if shutil.which("nvcc"):  # the CUDA kernels, compiled by nvcc for sm_90 (this is also their compile check)
+        assert {k for k in plane if k[0] == "cuda_plane"} == {("cuda_plane", "project"), ("cuda_plane", "expand")}
+        cuda = {r["kernel"]: r["per_code"] for r in rows if r["backend"] == "cuda"}
+        assert all(plane[("cuda_plane", k)] < cuda[k] for k in ("project", "expand"))
