@@ -213,6 +213,16 @@ TWA_HOST_DEVICE TileRange whole_tiles(const ProgramTiles& pg, int64_t R) {
   return {a, b > a ? b : a};
 }
 
+// Calls whole(tile) for the program's whole tiles inside its segment, then edge(tile) for the (at most
+// two) tiles a layer's end or a segment boundary cuts.
+template <typename Whole, typename Edge>
+TWA_HOST_DEVICE void visit_tiles(const ProgramTiles& pg, int64_t R, Whole&& whole, Edge&& edge) {
+  const TileRange range = whole_tiles(pg, R);
+  for (int64_t tile = range.a; tile < range.b; ++tile) whole(tile);
+  for (int64_t tile = pg.t0; tile < pg.t1; ++tile)
+    if (tile < range.a || tile >= range.b) edge(tile);
+}
+
 // One tile of project for thread `tid` and the columns `cols` (a column block, clamped to n − 1).
 // WHOLE: the tile is whole and inside the segment (no row tests); WITH_GSUM: also Σg.
 template <int BITS, int T, typename G, bool ALIGNED, bool WHOLE, bool WITH_GSUM>
@@ -262,7 +272,7 @@ TWA_HOST_DEVICE void project_tile(const PlaneTables& t, const ProgramTiles& pg, 
 }
 
 // Thread `tid`'s partials of program p for the columns [j0, j0 + kColumnBlock): qᵀg over the program's
-// tiles, and (WITH_GSUM) Σg. Whole tiles first, then the (at most two) tiles a boundary cuts.
+// tiles, and (WITH_GSUM) Σg.
 template <int BITS, int T, typename G, bool ALIGNED, bool WITH_GSUM>
 TWA_HOST_DEVICE void project_thread(const PlaneTables& t, const ProgramTiles& pg, const int64_t* grad_addr, int j0,
                                     int tid, float (&acc)[kColumnBlock], float& gsum) {
@@ -271,12 +281,14 @@ TWA_HOST_DEVICE void project_thread(const PlaneTables& t, const ProgramTiles& pg
   int cols[kColumnBlock];
 #pragma unroll
   for (int jj = 0; jj < kColumnBlock; ++jj) cols[jj] = j0 + jj < t.n ? j0 + jj : t.n - 1;
-  const TileRange whole = whole_tiles(pg, Geo::R);
-  for (int64_t tile = whole.a; tile < whole.b; ++tile)
-    project_tile<BITS, T, G, ALIGNED, true, WITH_GSUM>(t, pg, g_layer, tile, cols, tid, acc, gsum);
-  for (int64_t tile = pg.t0; tile < pg.t1; ++tile)
-    if (tile < whole.a || tile >= whole.b)
-      project_tile<BITS, T, G, false, false, WITH_GSUM>(t, pg, g_layer, tile, cols, tid, acc, gsum);
+  visit_tiles(
+      pg, Geo::R,
+      [&](int64_t tile) {
+        project_tile<BITS, T, G, ALIGNED, true, WITH_GSUM>(t, pg, g_layer, tile, cols, tid, acc, gsum);
+      },
+      [&](int64_t tile) {
+        project_tile<BITS, T, G, false, false, WITH_GSUM>(t, pg, g_layer, tile, cols, tid, acc, gsum);
+      });
 }
 
 // w += dw in place; with a compensation buffer, Kahan in the torch reference's order.
@@ -360,12 +372,10 @@ TWA_HOST_DEVICE void expand_thread(const PlaneTables& t, const ProgramTiles& pg,
   using Geo = Geometry<BITS, T>;
   W* w_layer = const_cast<W*>(layer_base<W>(w_addr, pg));
   C* c_layer = comp_addr == nullptr ? nullptr : const_cast<C*>(layer_base<C>(comp_addr, pg));
-  const TileRange whole = whole_tiles(pg, Geo::R);
-  for (int64_t tile = whole.a; tile < whole.b; ++tile)
-    expand_tile<BITS, T, W, C, ALIGNED, true>(t, pg, w_layer, c_layer, tile, tid, u, s);
-  for (int64_t tile = pg.t0; tile < pg.t1; ++tile)
-    if (tile < whole.a || tile >= whole.b)
-      expand_tile<BITS, T, W, C, false, false>(t, pg, w_layer, c_layer, tile, tid, u, s);
+  visit_tiles(
+      pg, Geo::R,
+      [&](int64_t tile) { expand_tile<BITS, T, W, C, ALIGNED, true>(t, pg, w_layer, c_layer, tile, tid, u, s); },
+      [&](int64_t tile) { expand_tile<BITS, T, W, C, false, false>(t, pg, w_layer, c_layer, tile, tid, u, s); });
 }
 
 // Lane `lane`'s share of a layer's per-program partials x[p·stride], p ∈ [first, last): every

@@ -59,3 +59,23 @@ def float_case(proj, seed):
     w_ref = w.clone()
     ref.expand(w_ref, delta)
     return g, delta, w, ref.project(g), w_ref, project_bound(proj, g), expand_bound(proj, delta, w)
+
+
+def assert_same_bits(proj, engines, g, delta, w, segments=None, device="cpu"):
+    """Every engine's project and expand give the torch reference's bits; g and w (a flat vector or a
+    list of segment tensors) are copied to ``device`` for the engines (expand works in place)."""
+    from twa_kernels.backends.torch_ref import TorchEngine
+
+    def on(x):
+        return [t.to(device, copy=True) for t in x] if isinstance(x, list) else x.to(device, copy=True)
+
+    ref = TorchEngine(proj, torch.device("cpu"), segments)
+    c_ref = ref.project(g)
+    w_ref = [t.clone() for t in w] if isinstance(w, list) else w.clone()
+    ref.expand(w_ref, delta)
+    for eng in engines:
+        assert torch.equal(eng.project(on(g)).cpu(), c_ref)
+        w_eng = on(w)
+        eng.expand(w_eng, delta.to(device))
+        pairs = zip(w_eng, w_ref) if isinstance(w, list) else [(w_eng, w_ref)]
+        assert all(torch.equal(a.cpu(), b) for a, b in pairs)

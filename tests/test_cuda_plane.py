@@ -8,7 +8,7 @@ order; what only the GPU does (shuffles, shared memory, the launches) is in test
 import pytest
 import torch
 
-from backend_cases import EDGE_SIZES, exact_vectors, float_case, random_projection
+from backend_cases import EDGE_SIZES, assert_same_bits, exact_vectors, float_case, random_projection
 from plane_host import HostPlaneKernels, compiler
 from twa_kernels.backends.contract import Segments
 from twa_kernels.backends.cuda_plane import CudaPlaneEngine
@@ -27,19 +27,6 @@ def engines(proj, kernels, segments=None):
     the GPU's 128 threads (one partial tile per layer here)."""
     return [CudaPlaneEngine(proj, "cpu", segments, kernels=kernels, threads=8),
             CudaPlaneEngine(proj, "cpu", segments, kernels=kernels, threads=128)]
-
-
-def assert_same_bits(proj, engs, g, delta, w, segments=None):
-    ref = TorchEngine(proj, torch.device("cpu"), segments)
-    c_ref = ref.project(g)
-    w_ref = [t.clone() for t in w] if isinstance(w, list) else w.clone()
-    ref.expand(w_ref, delta)
-    for eng in engs:
-        assert torch.equal(eng.project(g), c_ref)
-        w_eng = [t.clone() for t in w] if isinstance(w, list) else w.clone()
-        eng.expand(w_eng, delta)
-        pairs = zip(w_eng, w_ref) if isinstance(w, list) else [(w_eng, w_ref)]
-        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

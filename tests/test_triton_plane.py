@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 
 import twa_kernels as twa  # noqa: E402
 from backend_cases import EDGE_SIZES, exact_vectors, float_case, random_projection  # noqa: E402
+from backend_cases import assert_same_bits as same_bits  # noqa: E402
 from test_backends import test_optimizer_trajectory_matches_reference as backend_trajectory_matches  # noqa: E402
 from twa_kernels.backends import make_engine  # noqa: E402
 from twa_kernels.backends.contract import Segments  # noqa: E402
@@ -29,10 +30,6 @@ def on(x):
     return [t.to(DEVICE, copy=True) for t in x] if isinstance(x, list) else x.to(DEVICE, copy=True)
 
 
-def back(x):
-    return [t.cpu() for t in x] if isinstance(x, list) else x.cpu()
-
-
 def plane_engines(proj, segments=None, small_only=False):
     """Default tiles (one partial tile per layer here) and tiles of 8 threads (256 rows at ≤ 4 bits:
     layers of several whole tiles, two tiles per program)."""
@@ -42,19 +39,7 @@ def plane_engines(proj, segments=None, small_only=False):
 
 
 def assert_same_bits(proj, engines, g, delta, w, segments=None):
-    ref = TorchEngine(proj, torch.device("cpu"), segments)
-    c_ref = ref.project(g)
-    w_ref = [t.clone() for t in w] if isinstance(w, list) else w.clone()
-    ref.expand(w_ref, delta)
-    for eng in engines:
-        assert torch.equal(eng.project(on(g)).cpu(), c_ref)
-        w_eng = on(w)
-        eng.expand(w_eng, delta.to(DEVICE))
-        w_eng = back(w_eng)
-        if isinstance(w, list):
-            assert all(torch.equal(a, b) for a, b in zip(w_eng, w_ref))
-        else:
-            assert torch.equal(w_eng, w_ref)
+    same_bits(proj, engines, g, delta, w, segments, DEVICE)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
