@@ -129,8 +129,8 @@ def test_readme_quickstart_runs():
 def test_readme_names_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "python -m benchmarks.table13" in text
-    assert "TRITON_INTERPRET=1 python -m pytest -q tests" in text
-    assert "TRITON_INTERPRET=1 python -m pytest -q tests" in (ROOT / ".ci" / "run").read_text()
+    assert "TRITON_INTERPRET=1 python -m pytest -q -n auto tests" in text
+    assert "TRITON_INTERPRET=1 python -m pytest -q -n auto tests" in (ROOT / ".ci" / "run").read_text()
 
 
 @pytest.mark.parametrize("total", [161, 643, 644, 20_000, 1_000_000, 25_557_032])

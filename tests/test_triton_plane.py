@@ -70,7 +70,7 @@ def test_exact_at_the_headline_width():
     assert_same_bits(proj, plane_engines(proj, small_only=True), g, delta, w)
 
 
-@pytest.mark.parametrize("bits,n", [(4, 5), (1, 7)])
+@pytest.mark.parametrize("bits,n", [(4, 5), (8, 7)])
 def test_float_inputs_within_fp32_bound(bits, n):
     proj = random_projection(EDGE_SIZES, n, bits, seed=7 * bits + n)
     g, delta, w, c_ref, w_ref, pb, eb = float_case(proj, n)
