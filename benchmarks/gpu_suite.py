@@ -5,7 +5,8 @@ of time is recorded and the next one runs):
 1. the GPU tests: ``tests/test_gpu.py`` whole (no ``-k``), the backend tests and the plane-kernel tests
    on CUDA;
 2. kernel variants at the headline shape (D = 25.6M, n = 60, 4 bits): shipped Triton tiles, the v2
-   plane kernels, ``cuda``, dense fp32 and the torch reference, with copy bandwidth in the same run;
+   plane kernels (``triton_plane`` and ``cuda_plane``), ``cuda``, dense fp32 and the torch reference,
+   with copy bandwidth in the same run;
 3. the roofline sweep;
 4. Table 13 in its ResNet-50 configuration;
 
@@ -13,6 +14,10 @@ with ``nvidia-smi`` clocks before and after. Every step writes its JSON and mark
 ``gpu_suite.json`` and ``gpu_suite.md`` say what ran, for how long, and how it ended.
 
     TWA_COMMIT=$(git rev-parse HEAD) python -m benchmarks.gpu_suite --out-dir DIR
+
+Install first (``pip install --no-build-isolation -e ".[triton,test]"``): that builds ``_C_cuda`` (the
+``cuda`` and ``cuda_plane`` kernels) for the visible GPU, which would otherwise be compiled inside the
+first step's time limit.
 
 The commit comes from ``--commit`` or ``TWA_COMMIT`` (the device's copy of ``.git`` can be stale).
 ``--dry-run`` runs every step in its small CPU form (Triton in the interpreter, tiny sizes), which CI

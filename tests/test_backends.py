@@ -24,6 +24,24 @@ def kernel_backends():
 
 
 BACKENDS = kernel_backends()
+# The Triton interpreter runs a case in seconds where compiled kernels take milliseconds.
+INTERPRETED = {("triton", "cpu")}
+
+
+def crossed(bits_widths, ns):
+    """(backend, device, bits, n) cases: every bit width crossed with every n for the compiled kernels
+    (and for Triton on a GPU); in the interpreter each bit width and each n once, paired cyclically, so
+    that every edge is still hit and CI stays short."""
+    out = []
+    for case in BACKENDS:
+        backend, device = case.values
+        if (backend, device) in INTERPRETED:
+            k = max(len(bits_widths), len(ns))
+            pairs = sorted({(bits_widths[i % len(bits_widths)], ns[i % len(ns)]) for i in range(k)})
+        else:
+            pairs = [(b, n) for b in bits_widths for n in ns]
+        out += [pytest.param(backend, device, b, n, marks=case.marks, id=f"{n}-{b}-{case.id}") for b, n in pairs]
+    return out
 
 
 def engines(proj, backend, device, segments=None):
@@ -50,9 +68,7 @@ def cpp_small_run(proj):
     return 5 * load().period_rows(proj.layout.n, proj.layout.bits)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 60])
+@pytest.mark.parametrize("backend,device,bits,n", crossed([1, 2, 4, 8], [1, 2, 3, 17, 60]))
 def test_exact_on_dyadic_inputs(backend, device, bits, n):
     proj = random_projection(EDGE_SIZES, n, bits, seed=bits * 100 + n, dyadic=True)
     assert_exact(proj, engines(proj, backend, device), device)
@@ -72,9 +88,7 @@ def assert_exact(proj, engs, device):
         assert torch.equal(w_dev.cpu(), w_ref)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("n", [1, 5, 64, 300])
+@pytest.mark.parametrize("backend,device,bits,n", crossed([1, 2, 4, 8], [1, 5, 64, 300]))
 def test_float_inputs_within_fp32_bound(backend, device, bits, n):
     sizes = EDGE_SIZES if n < 300 else (1, 33, 700)
     proj = random_projection(sizes, n, bits, seed=7 * bits + n)
@@ -118,10 +132,22 @@ def test_project_is_reproducible(backend, device):
         assert torch.equal(eng.project(g), first)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("cls,hp", [(twa.ProjectedSGD, dict(lr=0.1, momentum=0.9)),
-                                    (twa.ProjectedAdamW, dict(lr=1e-2, weight_decay=1e-4, eps=1e-3))])
-@pytest.mark.parametrize("bits", [1, 4, 8])
+def trajectory_cases():
+    """Both optimizers at 1, 4 and 8 bits; in the interpreter the bit widths alternate optimizers."""
+    optimizers = [(twa.ProjectedSGD, dict(lr=0.1, momentum=0.9)),
+                  (twa.ProjectedAdamW, dict(lr=1e-2, weight_decay=1e-4, eps=1e-3))]
+    out = []
+    for case in BACKENDS:
+        backend, device = case.values
+        combos = [(opt, bits) for opt in optimizers for bits in (1, 4, 8)]
+        if (backend, device) in INTERPRETED:
+            combos = [(optimizers[i % 2], bits) for i, bits in enumerate((1, 4, 8))]
+        out += [pytest.param(backend, device, cls, hp, bits, marks=case.marks,
+                             id=f"{bits}-{cls.__name__}-{case.id}") for (cls, hp), bits in combos]
+    return out
+
+
+@pytest.mark.parametrize("backend,device,cls,hp,bits", trajectory_cases())
 def test_optimizer_trajectory_matches_reference(backend, device, cls, hp, bits):
     def run(which, dev):
         model = make_model(dtype=torch.float32, d_in=6, hidden=11, d_out=3)
@@ -209,9 +235,7 @@ def scattered(flat, segments):
     return [part.clone() for part in flat.split(list(segments.sizes))]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("n", [3, 17, 60])
+@pytest.mark.parametrize("backend,device,bits,n", crossed([1, 2, 4, 8], [3, 17, 60]))
 def test_segment_lists_give_the_flat_vectors_bits(backend, device, bits, n):
     """Kernels read each segment through its address: separate tensors, segments starting at any row
     of a layer, give exactly what the reference gives on one flat vector (dyadic inputs)."""

@@ -47,7 +47,8 @@ def cpu_extension_kwargs(torch_version: str, native: bool, relative: bool = Fals
 def cuda_extension_kwargs(torch_version: str, relative: bool = False) -> dict:
     root = "csrc" if relative else CSRC
     return {"sources": [os.path.join(root, s) for s in CUDA_SOURCES],
-            "extra_compile_args": {"cxx": ["-O3"], "nvcc": ["-O3"]},
+            # --threads 0: nvcc compiles the architectures of TORCH_CUDA_ARCH_LIST in parallel
+            "extra_compile_args": {"cxx": ["-O3"], "nvcc": ["-O3", "--threads", "0"]},
             "define_macros": torch_version_macros(torch_version)}
 
 
