@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from twa_kernels.backends.cuda_plane import COLUMN_BLOCK
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests" / "csrc" / "plane_host.cpp", ROOT / "csrc" / "twa_plane.h", ROOT / "csrc" / "twa_layout.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -82,6 +84,6 @@ class HostPlaneKernels:
         return c
 
     def plane_expand(self, tables, w_addr, dtype, c_addr, scale, zero, delta) -> None:
-        t = self._tables(tables, -(-tables.plane.n // 8) * 8)
+        t = self._tables(tables, -(-tables.plane.n // COLUMN_BLOCK) * COLUMN_BLOCK)
         self._check(self.lib.twa_plane_host_expand(ctypes.byref(t), _ptr(w_addr), DTYPES[dtype], _ptr(c_addr),
                                                    _ptr(scale), _ptr(zero), _ptr(delta)))
