@@ -165,14 +165,12 @@ def cuda_counts(workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
         for fname, code in funcs.items():
             # the fp32 instance: the template arguments are <BITS, float>, mangled "ILi<BITS>Ef"
             m = re.search(r"(project_partials|expand_rows|plane_project|plane_expand)ILi(\d)Ef", fname)
-            if not m:
+            if not m or int(m.group(2)) not in widths:
                 continue
             body = hot_loop(code)
             ffma = sum(opcode(i).startswith("FFMA") for i in body)
             kernel = "project" if "project" in m.group(1) else "expand"
             backend = "cuda_plane" if "plane" in m.group(1) else "cuda"
-            if int(m.group(2)) not in widths:
-                continue
             # One FFMA per code in every CUDA kernel's inner loop: the FFMAs count its codes.
             out.append(LoopCount(backend, kernel, int(m.group(2)), len(body), ffma, max(1, ffma), regs.get(fname)))
     return out

@@ -47,8 +47,8 @@ void expand(const pybind11::object& tables, const torch::Tensor& weight_addr, at
               s.data_ptr<float>(), dev);
 }
 
-// The tables of twa_kernels.backends.plane_layout.PlaneTables, checked against each other, and project's
-// partial buffers (their row length is n rounded up to the kernels' column block).
+// The tables of twa_kernels.backends.plane_layout.PlaneTables, checked against each other; n_pad, the row
+// length of project's partial buffers, is n rounded up to the kernels' column block.
 plane::PlaneTables make_plane_tables(const pybind11::object& tb, const torch::Device& dev) {
   const pybind11::object plane = tb.attr("plane");
   const torch::Tensor words = field(tb, "words", at::kInt, dev);
@@ -90,13 +90,6 @@ plane::PlaneTables make_plane_tables(const pybind11::object& tb, const torch::De
   return t;
 }
 
-const int64_t* plane_addresses(const torch::Tensor& addr, const plane::PlaneTables& t, const char* what,
-                               const torch::Device& dev) {
-  check_tensor(addr, at::kLong, what, dev);
-  TORCH_CHECK(addr.numel() == t.num_segments, what, " must hold one address per segment (", t.num_segments, ")");
-  return addr.data_ptr<int64_t>();
-}
-
 void check_layer_vector(const torch::Tensor& x, const plane::PlaneTables& t, const char* what,
                         const torch::Device& dev) {
   check_tensor(x, at::kFloat, what, dev);
@@ -115,7 +108,7 @@ torch::Tensor plane_project(const pybind11::object& tables, const torch::Tensor&
   check_tensor(part_g, at::kFloat, "project gradient sums", dev);
   TORCH_CHECK(part_t.numel() == t.num_programs * t.n_pad && part_g.numel() == t.num_programs,
               "project partials must be [programs, ", t.n_pad, "] and [programs]");
-  return plane_project_cuda(t, plane_addresses(grad_addr, t, "gradient addresses", dev), dtype, scale, zero, part_t,
+  return plane_project_cuda(t, addresses(grad_addr, t, "gradient addresses", dev), dtype, scale, zero, part_t,
                             part_g, dev);
 }
 
@@ -129,8 +122,8 @@ void plane_expand(const pybind11::object& tables, const torch::Tensor& weight_ad
   check_layer_vector(zero, t, "zero", dev);
   check_layer_vector(delta, t, "delta", dev);
   const int64_t* comp =
-      comp_addr.has_value() ? plane_addresses(*comp_addr, t, "compensation addresses", dev) : nullptr;
-  plane_expand_cuda(t, plane_addresses(weight_addr, t, "weight addresses", dev), dtype, comp, scale, zero, delta,
+      comp_addr.has_value() ? addresses(*comp_addr, t, "compensation addresses", dev) : nullptr;
+  plane_expand_cuda(t, addresses(weight_addr, t, "weight addresses", dev), dtype, comp, scale, zero, delta,
                     dev);
 }
 

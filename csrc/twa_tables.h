@@ -58,8 +58,10 @@ inline Tables make_tables(const pybind11::object& tb, const torch::Device& dev) 
   return t;
 }
 
-// A segment address table: int64 [S] on the tables' device.
-inline const int64_t* addresses(const torch::Tensor& addr, const Tables& t, const char* what, const torch::Device& dev) {
+// A segment address table: int64 [S] on the tables' device (Tables, or the plane kernels' PlaneTables).
+template <typename TablesT>
+inline const int64_t* addresses(const torch::Tensor& addr, const TablesT& t, const char* what,
+                                const torch::Device& dev) {
   check_tensor(addr, at::kLong, what, dev);
   TORCH_CHECK(addr.numel() == t.num_segments, what, " must hold one address per segment (", t.num_segments, ")");
   return addr.data_ptr<int64_t>();

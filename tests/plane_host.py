@@ -2,7 +2,7 @@
 the interface of ``_C_cuda``'s plane entry points, so that ``CudaPlaneEngine`` runs on the CPU in tests.
 
 Compiled once per source content with the system C++ compiler (no torch headers: seconds), into a
-directory of its own under the pytest cache root; ``-ffp-contract=off`` so the compiler fuses no
+directory of its own under the system's temporary directory; ``-ffp-contract=off`` so the compiler fuses no
 multiply-add the GPU code does not (the kernels spell every fused one as ``fmaf``).
 """
 
@@ -22,8 +22,7 @@ from twa_kernels.backends.cuda_plane import COLUMN_BLOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests" / "csrc" / "plane_host.cpp", ROOT / "csrc" / "twa_plane.h", ROOT / "csrc" / "twa_layout.h"]
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-THREADS = (8, 128)  # the tile widths the host build is compiled for
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # tiles of 8 or 128 threads (plane_host.cpp's dispatch)
 
 _POINTERS = ("words", "word_off", "full_tiles", "tail_words", "seg_layer", "seg_row", "seg_size", "prog_seg",
              "prog_tile", "prog_end", "layer_prog")

@@ -208,8 +208,6 @@ class PlaneEngine:
     canonical words once), the launch tables, the scales and zeros of the affine fold, project's
     partial buffers (rows padded to ``column_block``) and the address tables. Subclasses launch."""
 
-    name = "plane"
-
     def __init__(self, projection: PackedProjection, device, segments: Segments | None, threads: int,
                  tiles_per_program: int, column_block: int):
         lay = projection.layout
