@@ -126,6 +126,21 @@ def adamw_rule(hp):
     return update
 
 
+def spread(x):
+    """The rms distance of a layer's checkpoints ([n, D_l]) from their mean."""
+    return float((x - x.mean(dim=0)).norm(dim=1).square().mean().sqrt())
+
+
+def in_coordinates(update, scale):
+    """The rule run on x = β / s per layer with the chain-rule gradient s·c (scale-aware coordinates)."""
+    s = torch.tensor(scale, dtype=torch.float64)[:, None]
+
+    def scaled(beta, c, step):
+        return s * update(beta / s, s * c, step)
+
+    return scaled
+
+
 def algorithm1(model, names, shapes, wbar_layers, p_layers, batches, update, layers="param", lrs=None):
     """Algorithm 1: w = w̄ + P̃β, g = ∇L(w), c = P̃ᵀg, β ← rule(β, c). Returns β after every step."""
     n = p_layers[0].shape[1]

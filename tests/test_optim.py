@@ -6,8 +6,8 @@ import torch
 
 import twa_kernels as twa
 from twa_kernels.optim import twa_state
-from reference import (adamw_rule, algorithm1, batches, layer_stacks, make_checkpoints, make_model,
-                       projection, quantize, sgd_rule)
+from reference import (adamw_rule, algorithm1, batches, in_coordinates, layer_stacks, make_checkpoints,
+                       make_model, projection, quantize, sgd_rule, spread)
 
 SGD_VARIANTS = [
     dict(lr=0.2),
@@ -23,9 +23,11 @@ def names_shapes(model):
     return [a for a, _ in named], [b for _, b in named]
 
 
-def reference_trajectory(model, ckpts, bits, decouple, layers, rule, steps, scale="layer"):
+def reference_trajectory(model, ckpts, bits, decouple, layers, rule, steps, scale="layer", coordinates="spread"):
     names, shapes = names_shapes(model)
     stacks = layer_stacks(ckpts, names, layers)
+    if coordinates == "spread":
+        rule = in_coordinates(rule, [spread(x) for x in stacks])
     p_layers = [quantize(projection(x, decouple), bits, scale)[1] for x in stacks]
     # w̄ is stored in fp32 by the format.
     wbar = [x.mean(dim=0).float().double() for x in stacks]
@@ -58,13 +60,15 @@ OPTIMIZER_CASES = (
        for i, hp in enumerate(ADAMW_VARIANTS) for bits in (None, 2, 8)])
 
 
+@pytest.mark.parametrize("coordinates", ["spread", "paper"])
 @pytest.mark.parametrize("cls,rule,hp,bits,n", OPTIMIZER_CASES)
-def test_optimizer_matches_algorithm1(cls, rule, hp, bits, n):
+def test_optimizer_matches_algorithm1(cls, rule, hp, bits, n, coordinates):
     model = make_model()
     ckpts = make_checkpoints(model, n)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, progress=False)
-    expected = reference_trajectory(model, ckpts, bits, "center", "param", rule(hp), 25)
-    got, _ = package_trajectory(model, space, lambda p, s, b: cls(p, s, backend=b, **hp), 25)
+    expected = reference_trajectory(model, ckpts, bits, "center", "param", rule(hp), 25, coordinates=coordinates)
+    got, _ = package_trajectory(model, space, lambda p, s, b: cls(p, s, backend=b, init="center",
+                                                                  coordinates=coordinates, **hp), 25)
     assert_trajectories_close(got, expected)
 
 
@@ -79,7 +83,8 @@ def test_variants_match_algorithm1(decouple, layers, scale):
                                           scale=scale, progress=False)
     hp = dict(lr=0.1, momentum=0.9)
     expected = reference_trajectory(model, ckpts, 4, decouple, layers, sgd_rule(hp), 20, scale)
-    got, _ = package_trajectory(model, space, lambda p, s, b: twa.ProjectedSGD(p, s, backend=b, **hp), 20)
+    got, _ = package_trajectory(model, space, lambda p, s, b: twa.ProjectedSGD(p, s, backend=b, init="center",
+                                                                               **hp), 20)
     assert_trajectories_close(got, expected)
 
 

@@ -85,7 +85,7 @@ def test_frozen_layer_kept_fixed_never_nan():
     ckpts = make_checkpoints(model, 4)
     for ck in ckpts:
         ck["fc2.bias"] = ckpts[0]["fc2.bias"].clone()
-    with pytest.warns(UserWarning, match="never moved"):
+    with pytest.warns(UserWarning, match="held fixed at their centre: .fc2.bias. is identical"):
         space = build(model, ckpts, bits=4)
     l = names_of(model).index("fc2.bias")
     assert bool(space.frozen[l])

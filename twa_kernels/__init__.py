@@ -2,12 +2,13 @@
 
 from . import baselines, distributed, testing
 from .backends import available_backends, backend_report, format_backend_report
-from .baselines import ema, greedy_soup, lawa, swa, update_bn
-from .optim import ProjectedAdamW, ProjectedSGD
+from .baselines import ema, ema_weights, greedy_soup, lawa, lawa_weights, swa, update_bn
+from .optim import ProjectedAdamW, ProjectedSGD, step_decay
 from .subspace import Subspace
 
 __version__ = "0.1.0"
 
 __all__ = ["ProjectedAdamW", "ProjectedSGD", "Subspace", "available_backends", "backend_report", "baselines",
-           "distributed", "ema", "format_backend_report", "greedy_soup", "lawa", "swa", "testing", "update_bn",
+           "distributed", "ema", "ema_weights", "format_backend_report", "greedy_soup", "lawa", "lawa_weights",
+           "step_decay", "swa", "testing", "update_bn",
            "__version__"]

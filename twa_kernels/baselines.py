@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import label, load_state_dict, open_checkpoint
 
-__all__ = ["swa", "ema", "lawa", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean", "open_matching", "average_tensor"]
+__all__ = ["swa", "ema", "ema_weights", "lawa", "lawa_weights", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean", "open_matching", "average_tensor"]
 
 
 def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=None, trusted: bool = False,
@@ -89,9 +89,15 @@ def ema_weights(k: int, gamma: float) -> list[float]:
 
 def lawa(checkpoints: Sequence, k: int, **read) -> dict[str, torch.Tensor]:
     """Latest weight averaging: the uniform mean of the last ``k`` checkpoints."""
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    return swa(list(checkpoints)[-k:], **read)
+    return weighted_mean(checkpoints, lawa_weights(len(checkpoints), k), **read)
+
+
+def lawa_weights(n: int, k: int) -> list[float]:
+    """The weight of each of ``n`` checkpoints in the mean of the last ``k`` (e.g. a projected
+    optimizer's ``init=lawa_weights(space.n, 4)``)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}] for {n} checkpoints, got {k}")
+    return [0.0] * (n - k) + [1.0 / k] * k
 
 
 def greedy_soup(model: torch.nn.Module, checkpoints: Sequence, evaluate: Callable[[torch.nn.Module], float],

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .packing import LayerLayout, PackedProjection, or_codes_into
 from .placement import Placement, plan
 from .quantize import column_norm_ratio, min_max_quantizer, quantize
-from .subspace import Subspace
+from .subspace import NOISE_RTOL, Subspace, held_reasons
 
 # A column whose spread is below this fraction of the layer's largest one is rounding noise of the
 # fp64 centring, not a direction the checkpoints moved in.
@@ -89,6 +89,9 @@ class Builder:
         self.cols = self.placement.column_slice(self.n)
         self.layout = LayerLayout(tuple(b - a for a, b in self.local), self.cols.stop - self.cols.start, bits)
 
+    def _layer_labels(self) -> list[str]:
+        return [segs[0].name if len(segs) == 1 else "model" for segs in self.layer_segments]
+
     def _reduce(self, tensor, op):
         return self.placement.reduce(tensor, op, self.group)
 
@@ -120,6 +123,8 @@ class Builder:
         scale = torch.zeros(L, n, dtype=torch.float32)
         zero = torch.zeros(L, n, dtype=torch.float32)
         col_norms = torch.zeros(L, n, dtype=torch.float64)
+        spread = torch.zeros(L, dtype=torch.float64)
+        center_norms = torch.zeros(L, dtype=torch.float64)
         transform = torch.zeros(L, n, n, dtype=torch.float64) if self.decouple_mode == "gram_schmidt" else None
         frozen = torch.zeros(L, dtype=torch.bool)
         if self.bits is None:
@@ -135,6 +140,8 @@ class Builder:
                 stats = self._pass_statistics(l, center[offs[l]:offs[l + 1]], bar)
                 t, shift_center, frozen[l] = self._transform(stats)
                 col_norms[l] = stats["norms"]
+                spread[l] = stats["dev_norms"].square().mean().sqrt()
+                center_norms[l] = stats["center_norm"]
                 if transform is not None:
                     transform[l] = t
                 if frozen[l]:
@@ -152,18 +159,22 @@ class Builder:
                     scale[l, self.cols] *= ratio
                     zero[l, self.cols] *= ratio
         if bool(frozen.all()):
-            raise ValueError(
-                f"all {n} checkpoints are identical: they span no subspace to train in")
+            raise ValueError(f"all {n} checkpoints are identical (or differ only by the rounding of fp32 weights): "
+                             "they span no subspace to train in")
         if bool(frozen.any()):
-            warnings.warn(f"{int(frozen.sum())} of {L} layers never moved across the checkpoints; "
-                          "they are kept fixed at their value", stacklevel=3)
+            reasons = held_reasons(self._layer_labels(), spread, frozen, center_norms)
+            listed = "; ".join(f"{nm!r} {why}" for nm, why in list(reasons.items())[:5])
+            more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+            warnings.warn(f"{len(reasons)} of {L} layers are held fixed at their centre: {listed}{more}",
+                          stacklevel=3)
         self.placement.share_quantizer(scale, zero, self.group)
         proj = PackedProjection(lay, scale[:, self.cols].contiguous(), zero[:, self.cols].contiguous(),
                                 words, dense_rows)
         space = Subspace(names=self.names, shapes=self.shapes, layers_mode=self.layers_mode,
                          decouple_mode=self.decouple_mode, scale_mode=self.scale_mode, center=center,
                          projection=proj,
-                         col_norms=col_norms, transform=transform, frozen=frozen, layer_sizes=self.sizes,
+                         col_norms=col_norms, spread=spread, transform=transform, frozen=frozen,
+                         layer_sizes=self.sizes,
                          global_scale=scale, global_zero=zero, placement=self.placement,
                          process_group=self.group)
         self.placement.check_same(lambda: space.fingerprint, self.group, "the subspace built")
@@ -177,6 +188,7 @@ class Builder:
         lo = torch.full((n,), math.inf, dtype=torch.float64)
         hi = torch.full((n,), -math.inf, dtype=torch.float64)
         gram = torch.zeros(n, n, dtype=torch.float64) if self.decouple_mode == "gram_schmidt" else None
+        center_sq = torch.zeros((), dtype=torch.float64)
         mode = self.decouple_mode
         for name, e0, e1, at in self._chunks(layer):
             x = self._read(name, e0, e1)  # [n, m]
@@ -184,7 +196,9 @@ class Builder:
             # identical checkpoints centre to exactly zero.
             dev = x - x[0]
             mean_diff = dev.mean(dim=0)
-            center_out[at:at + x.shape[1]] = (x[0] + mean_diff).float()
+            center = x[0] + mean_diff
+            center_out[at:at + x.shape[1]] = center.float()
+            center_sq += center.square().sum()
             dev -= mean_diff
             dev_sq += torch.linalg.vector_norm(dev, dim=1) ** 2  # every mode: is the layer frozen?
             if mode == "none":
@@ -197,17 +211,19 @@ class Builder:
                 gram += x @ x.T
             bar.update(x.numel() * 4)
         dev_sq, raw_sq = self._reduce(dev_sq, "sum"), self._reduce(raw_sq, "sum")
+        center_sq = self._reduce(center_sq, "sum")
         lo, hi = self._reduce(lo, "min"), self._reduce(hi, "max")
         if gram is not None:
             gram = self._reduce(gram, "sum")
         norms = dev_sq.sqrt() if self.decouple_mode == "center" else raw_sq.sqrt()
-        return {"dev_norms": dev_sq.sqrt(), "norms": norms, "lo": lo, "hi": hi, "gram": gram}
+        return {"dev_norms": dev_sq.sqrt(), "norms": norms, "lo": lo, "hi": hi, "gram": gram,
+                "center_norm": center_sq.sqrt()}
 
     def _transform(self, stats):
         """T for this layer, whether P is taken of centred checkpoints, and whether it is frozen."""
         n = self.n
         dev = stats["dev_norms"]
-        if float(dev.max()) == 0.0:
+        if float(dev.max()) <= NOISE_RTOL * float(stats["center_norm"]):  # identical, or rounding noise
             return torch.zeros(n, n, dtype=torch.float64), False, True
         if self.decouple_mode == "gram_schmidt":
             return _gram_schmidt(stats["gram"]), False, False

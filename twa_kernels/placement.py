@@ -106,6 +106,10 @@ class Placement:
         """c = P̃ᵀḡ for this rank's columns, ḡ the mean of the ranks' local gradients."""
         return engine.project(binding.grads())
 
+    def project_weights(self, engine, binding, comm) -> torch.Tensor:
+        """P̃ᵀw of the current weights, for this rank's columns (the weights are alike on every rank)."""
+        return engine.project(self.owned(binding))
+
     def apply(self, engine, binding, delta, compensation, comm) -> None:
         """w += P̃ Δβ on every rank."""
         engine.expand(self.owned(binding), delta, compensation)
@@ -185,6 +189,13 @@ class _Distributed(Placement):
                              "efficiently; use an NCCL group for CUDA parameters")
 
 
+def _project_weights_over_ranks(self, engine, binding, comm) -> torch.Tensor:
+    """P̃ᵀw where each rank holds part of the rows: the ranks' partial sums add up."""
+    c = engine.project(self.owned(binding))
+    comm.all_reduce(c)
+    return c
+
+
 def _reduce_over_ranks(self, tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     """Construction statistics of ranks that each hold part of the rows, combined."""
     t = tensor.to(collective_device(group))
@@ -232,6 +243,7 @@ class Rows(_Distributed):
         return binding.pieces(self.row_start, self.row_stop)
 
     reduce = _reduce_over_ranks
+    project_weights = _project_weights_over_ranks
 
     def project(self, engine, binding, comm) -> torch.Tensor:
         # reduce-scatter needs the gradients as one vector of k equal pieces
@@ -320,6 +332,7 @@ class Fsdp(_Distributed):
     mode: ClassVar[str] = "fsdp"
 
     reduce = _reduce_over_ranks
+    project_weights = _project_weights_over_ranks
 
     def layer_ranges(self, sizes) -> list[tuple[int, int]]:
         return [tuple(r) for r in self.ranges]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .packing import LayerLayout, PackedProjection
 from .placement import from_dict, group_or_world
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checkpoints' spread per layer (scale-aware coordinates)
 
 
 def record(space) -> dict:
@@ -32,7 +32,7 @@ def record(space) -> dict:
 def tensors(space) -> dict:
     p = space.projection
     out = {"center": space.center, "scale": space.global_scale, "zero": space.global_zero,
-           "col_norms": space.col_norms, "frozen": space.frozen.to(torch.uint8)}
+           "col_norms": space.col_norms, "spread": space.spread, "frozen": space.frozen.to(torch.uint8)}
     if p.words is not None:
         out["words"] = p.words
     else:
@@ -46,7 +46,7 @@ def fingerprint(space) -> str:
     """A hash of what every rank shares (record, scales, zeros, norms, frozen layers, transform)."""
     h = hashlib.sha256(json.dumps(record(space), sort_keys=True).encode())
     stored = tensors(space)
-    for key in ("scale", "zero", "col_norms", "frozen"):
+    for key in ("scale", "zero", "col_norms", "spread", "frozen"):
         h.update(stored[key].contiguous().cpu().numpy().tobytes())
     if space.transform is not None:
         h.update(space.transform.contiguous().numpy().tobytes())
@@ -105,7 +105,7 @@ def load(cls, path, process_group=None):
                             stored.get("words"), stored.get("dense_rows"))
     space = cls(names=meta["names"], shapes=meta["shapes"], layers_mode=meta["layers"],
                 decouple_mode=meta["decouple"], scale_mode=meta["scale"], center=stored["center"],
-                projection=proj, col_norms=stored["col_norms"], transform=stored.get("transform"),
+                projection=proj, col_norms=stored["col_norms"], spread=stored["spread"], transform=stored.get("transform"),
                 frozen=stored["frozen"].bool(), layer_sizes=meta["layer_sizes"], global_scale=gscale,
                 global_zero=gzero, placement=placement, process_group=group)
     if space.fingerprint != meta_raw.get("fingerprint"):

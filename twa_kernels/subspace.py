@@ -21,8 +21,30 @@ from .placement import Placement, fsdp_placement, group_or_world
 from .quantize import SCALE_MODES
 
 DECOUPLE_MODES = ("center", "gram_schmidt", "none")
+# What one unit of an optimizer's coordinate is, per layer: "spread" the rms distance of the layer's
+# checkpoints from their centre (so one step moves every layer by the same fraction of its own spread,
+# whatever its size), "paper" one unit of weight space along a unit-norm column of P (Algorithm 1).
+COORDINATES = ("spread", "paper")
 LAYER_MODES = ("param", "model")
 NON_TRAINABLE_MODES = ("checkpoints", "model")
+# A layer whose checkpoints all lie within this fraction of its centre's norm of the centre moved only by
+# the rounding of fp32 weights (a few units in the last place; e.g. a bias that feeds a BatchNorm, whose
+# gradient is zero but for rounding): the directions are noise, so the layer is held fixed. 2^-18 is 32
+# fp32 ulps, far below any layer a training run moves (the smallest seen in this package's benchmarks
+# moved 2.6 % of its norm).
+NOISE_RTOL = 2.0**-18
+
+
+def held_reasons(labels, spread, frozen, center_norms=None) -> dict[str, str]:
+    """Why each held layer is held: identical in every checkpoint, or moved only by rounding."""
+    out = {}
+    for l in torch.nonzero(frozen).flatten().tolist():
+        if float(spread[l]) == 0.0:
+            out[labels[l]] = "is identical in every checkpoint"
+            continue
+        rel = "" if center_norms is None else f", {float(spread[l]) / max(float(center_norms[l]), 1e-300):.1e} of its norm"
+        out[labels[l]] = f"moved only by rounding (spread {float(spread[l]):.1e}{rel}, below {NOISE_RTOL:.1e} of its norm)"
+    return out
 
 
 def _choose(value, allowed, what):
@@ -94,7 +116,7 @@ class Subspace:
     """The n-dimensional per-layer subspace spanned by checkpoints, with its quantized projection."""
 
     def __init__(self, *, names, shapes, layers_mode, decouple_mode, scale_mode, center, projection, col_norms,
-                 transform, frozen, layer_sizes=None, global_scale=None, global_zero=None,
+                 spread, transform, frozen, layer_sizes=None, global_scale=None, global_zero=None,
                  placement: Placement | None = None, process_group=None):
         self.names = list(names)
         self.shapes = [tuple(s) for s in shapes]
@@ -104,6 +126,7 @@ class Subspace:
         self.center = center  # fp32 [D], CPU
         self.projection = projection  # PackedProjection, CPU
         self.col_norms = col_norms  # fp64 [L, n]: ‖x_i − s‖ per layer
+        self.spread = spread  # fp64 [L]: rms_i ‖x_i − w̄‖, the checkpoints' own scale (every decouple mode)
         self.transform = transform  # fp64 [L, n, n] for gram_schmidt, else None
         self.frozen = frozen  # bool [L]
         # A sharded subspace holds part of P̃ (rows: its rows, and w̄ for them; columns: its columns);
@@ -273,6 +296,20 @@ class Subspace:
             # x_i − w̄ = X (e_i − 1/n): T = (I − 11ᵀ/n) diag(1/r)
             t = t - t.sum(dim=1, keepdim=True) / self.n
         return t
+
+    def coordinate_scale(self, coordinates: str) -> torch.Tensor:
+        """fp64 [L]: the length in weight space of one unit of an optimizer's coordinate, per layer
+        (β = scale · coordinate); 0 for held layers, which no step moves."""
+        _choose(coordinates, COORDINATES, "coordinates")
+        scale = self.spread.clone() if coordinates == "spread" else torch.ones_like(self.spread)
+        scale[self.frozen] = 0.0
+        return scale
+
+    def held_layers(self) -> dict[str, str]:
+        """The layers held fixed at their centre, by name (``"model"`` with ``layers="model"``), and why:
+        identical in every checkpoint, or moved only by the rounding of fp32 weights."""
+        labels = list(self.names) if self.layers_mode == "param" else ["model"]
+        return held_reasons(labels, self.spread, self.frozen)
 
     def alphas(self, beta: torch.Tensor) -> torch.Tensor:
         """Averaging weights α [L, n] with w̄ + P β = Σ_i α_i x_i per layer (float64).

@@ -106,6 +106,7 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
                         p.detach().reshape(-1)[a:b].float().cpu() for (_, p), (a, b) in zip(named, ranges)])
     return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
                     decouple_mode="center", scale_mode="layer", center=center, projection=local,
-                    col_norms=torch.ones(len(sizes), n, dtype=torch.float64), transform=None,
+                    col_norms=torch.ones(len(sizes), n, dtype=torch.float64),
+                    spread=torch.ones(len(sizes), dtype=torch.float64), transform=None,
                     frozen=torch.zeros(len(sizes), dtype=torch.bool), layer_sizes=sizes, global_scale=scale,
                     global_zero=zero, placement=placement, process_group=group)

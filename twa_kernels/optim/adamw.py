@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ProjectedOptimizer
+from .base import DEFAULT_INIT, ProjectedOptimizer
 
 
 class ProjectedAdamW(ProjectedOptimizer):
@@ -14,21 +14,22 @@ class ProjectedAdamW(ProjectedOptimizer):
 
     def __init__(self, params, space, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 backend: str = "auto", init: str = "center", nonfinite: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
+                 backend: str = "auto", init=DEFAULT_INIT, coordinates: str = "spread",
+                 nonfinite: str | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False):
         self._check_nonnegative(learning_rate=lr, epsilon=eps, weight_decay=weight_decay)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas: {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite, foreach=foreach,
-                         fused=fused, capturable=capturable, differentiable=differentiable)
+        super().__init__(params, space, defaults, backend=backend, init=init, coordinates=coordinates,
+                         nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
-    def _rule(self, group, rows, c):
+    def _rule(self, group, rows, x, grad):
         b1, b2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
-        g = -c[rows] if group["maximize"] else c[rows]
+        g = -grad if group["maximize"] else grad
         m = self._buffers["exp_avg"][rows].lerp(g, 1 - b1)
         v = self._buffers["exp_avg_sq"][rows] * b2 + (1 - b2) * g * g
         out = {"exp_avg": m, "exp_avg_sq": v}
@@ -36,5 +37,5 @@ class ProjectedAdamW(ProjectedOptimizer):
         bias2_sqrt = (1 - b2 ** self._step).sqrt()
         if group["amsgrad"]:
             out["max_exp_avg_sq"] = v = torch.maximum(self._buffers["max_exp_avg_sq"][rows], v)
-        out["beta"] = self._beta[rows] * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
+        out["x"] = x * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
         return out

@@ -19,11 +19,36 @@ import torch
 
 from ..backends import make_engine
 from ..backends.numerics import accumulation_dtype
-from ..subspace import Subspace
+from ..subspace import COORDINATES, Subspace
 from .binding import ParameterBinding, bind_parameters
 
 INIT_MODES = ("center", "last", "keep")
 NONFINITE_MODES = ("raise", "skip")
+DEFAULT_INIT = "center"
+
+
+def initial_alphas(init, space: Subspace) -> torch.Tensor | None:
+    """The averaging weights α ([n] or [L, n], float64) an ``init`` asks for; None for "center" (β = 0)
+    and "keep" (the weights are left as they are). Checked before the model is touched."""
+    if isinstance(init, str):
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES} or averaging weights α, got {init!r}")
+        if init != "last":
+            return None
+        alpha = torch.zeros(space.n, dtype=torch.float64)
+        alpha[-1] = 1.0
+        return alpha
+    alpha = torch.as_tensor(init, dtype=torch.float64).detach().cpu()
+    if tuple(alpha.shape) not in ((space.n,), (space.num_layers, space.n)):
+        raise ValueError(f"init: averaging weights α must have shape ({space.n},) or "
+                         f"({space.num_layers}, {space.n}) for {space.n} checkpoints, got {tuple(alpha.shape)}")
+    if not bool(torch.isfinite(alpha).all()):
+        raise ValueError("init: the averaging weights α contain NaN or Inf")
+    sums = alpha.sum(dim=-1)
+    if not bool(torch.allclose(sums, torch.ones_like(sums), rtol=0.0, atol=1e-6)):
+        raise ValueError(f"init: averaging weights α must sum to 1 (per layer), got sums "
+                         f"{sums.flatten()[:4].tolist()}: the point Σ α_i w_i is then an average of the checkpoints")
+    return alpha
 
 
 def _split_named(params):
@@ -66,12 +91,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     _buffer_names: tuple[str, ...] = ()
 
     def __init__(self, params, space: Subspace, defaults: dict, *, backend: str = "auto",
-                 init: str = "center", nonfinite: str | None = None, foreach: bool | None = None,
-                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
+                 init=DEFAULT_INIT, coordinates: str = "spread", nonfinite: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False):
         if not isinstance(space, Subspace):
             raise TypeError(f"space must be a twa_kernels.Subspace, got {type(space).__name__}")
-        if init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        alpha0 = initial_alphas(init, space)
+        if coordinates not in COORDINATES:
+            raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
         if differentiable:
             raise ValueError("differentiable=True is not supported: the projected step runs fused kernels "
                              "that autograd does not differentiate through")
@@ -110,13 +137,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._beta = torch.zeros(shape, dtype=acc, device=device)
         self._step = torch.zeros((), dtype=acc, device=device)
         self._buffers = {name: torch.zeros(shape, dtype=acc, device=device) for name in self._buffer_names}
+        self.coordinates = coordinates
+        # β = scale · x per layer: the rule runs on x, in units of the layer's own checkpoint spread
+        self._scale = space.coordinate_scale(coordinates).to(device, acc)[:, None]
         self._compensation = self._new_compensation()
         self._group_rows = self._layers_per_group(ordered, space)
         beta0 = None
-        if init == "last":
-            onehot = torch.zeros(space.n, dtype=torch.float64)
-            onehot[-1] = 1.0
-            beta0 = space.beta_for_alphas(onehot).to(device, acc)[:, self._placement.column_slice(space.n)]
+        if alpha0 is not None:
+            beta0 = space.beta_for_alphas(alpha0).to(device, acc)[:, self._placement.column_slice(space.n)]
         self._placed_versions = None
         if init != "keep":
             self._place(beta0)
@@ -223,6 +251,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._beta = self._beta.to(device, acc)
         self._step = self._step.to(device, acc)
         self._buffers = {k: v.to(device, acc) for k, v in self._buffers.items()}
+        self._scale = self._scale.to(device, acc)
         self._group_rows = [r.to(device) if isinstance(r, torch.Tensor) else r for r in self._group_rows]
         if dtype == old_dtype:
             if self._compensation is not None:
@@ -318,18 +347,30 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             finite = None
         else:
             c = torch.where(finite, c, torch.zeros_like(c))
+        self._prepare(c)
         old = self._beta.clone()
         self._step += 1 if finite is None else finite.to(self._step.dtype)
+        # The rule runs on x = β / scale with the gradient scale · c (the chain rule), so one step moves a
+        # layer by a fraction of its own checkpoints' spread; held layers (scale 0) never move.
+        live = self._scale > 0
+        x = self._beta / torch.where(live, self._scale, torch.ones_like(self._scale))
+        grad = self._scale * c
         for group, rows in zip(self.param_groups, self._group_rows):
-            for name, new in self._rule(group, rows, c).items():
+            for name, new in self._rule(group, rows, x[rows], grad[rows]).items():
+                if name == "x":
+                    name, new = "beta", torch.where(live[rows], self._scale[rows] * new, self._beta[rows])
                 # one guard for β and every buffer: a skipped step (nonfinite="skip") changes nothing
                 target = self._beta if name == "beta" else self._buffers[name]
                 target[rows] = new if finite is None else torch.where(finite, new, target[rows])
         self._apply_delta(self._beta - old)
         return loss
 
-    def _rule(self, group, rows, c) -> dict:  # pragma: no cover - abstract
-        """The new values of β (key "beta") and of the buffers that change, for the layers ``rows``."""
+    def _prepare(self, c) -> None:
+        """What a rule needs beyond (x, gradient) this step, computed before the weights move."""
+
+    def _rule(self, group, rows, x, grad) -> dict:  # pragma: no cover - abstract
+        """For the layers ``rows``: the new coordinates (key "x") from the coordinates ``x`` and their
+        gradient ``grad`` (= scale · P̃ᵀg), and the new values of the buffers that change."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -345,6 +386,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             "optimizer": type(self).__name__,
             "fingerprint": self.space.fingerprint,
             "beta": self._beta,
+            "coordinates": self.coordinates,
             "step": self._step,
             "buffers": self._buffers,
             "compensation": self._compensation,
@@ -380,6 +422,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "state_dict comes from a different subspace (fingerprint "
                 f"{twa.get('fingerprint')}, this optimizer's is {self.space.fingerprint})")
+        if twa.get("coordinates") != self.coordinates:
+            raise ValueError(f"state_dict was trained in {twa.get('coordinates')!r} coordinates, this optimizer uses "
+                             f"{self.coordinates!r}: its buffers are in other units (make the optimizer with "
+                             f"coordinates={twa.get('coordinates')!r} to resume it)")
         if tuple(twa["beta"].shape) != tuple(self._beta.shape):
             raise ValueError(f"β has shape {tuple(twa['beta'].shape)}, expected {tuple(self._beta.shape)}")
         if set(twa["buffers"]) != set(self._buffers):

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import ProjectedOptimizer
+from .base import DEFAULT_INIT, ProjectedOptimizer
+
+# Where weight decay pulls: "center" decays the coordinates (toward w̄, where β = 0); "zero" is L2 on the
+# weights themselves (toward 0 in weight space), the decay of the ICLR-2023 code, where w = Qθ.
+DECAY_TARGETS = ("center", "zero")
 
 
 class ProjectedSGD(ProjectedOptimizer):
@@ -25,22 +29,33 @@ class ProjectedSGD(ProjectedOptimizer):
 
     def __init__(self, params, space, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 backend: str = "auto", init: str = "center", nonfinite: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
+                 decay_to: str = "center", backend: str = "auto", init=DEFAULT_INIT,
+                 coordinates: str = "spread", nonfinite: str | None = None, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
         self._check_nonnegative(learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if decay_to not in DECAY_TARGETS:
+            raise ValueError(f"decay_to must be one of {DECAY_TARGETS}, got {decay_to!r}")
+        self.decay_to = decay_to
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        super().__init__(params, space, defaults, backend=backend, init=init, nonfinite=nonfinite, foreach=foreach,
-                         fused=fused, capturable=capturable, differentiable=differentiable)
+        super().__init__(params, space, defaults, backend=backend, init=init, coordinates=coordinates,
+                         nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
-    def _rule(self, group, rows, c):
-        beta = self._beta[rows]
-        d = -c[rows] if group["maximize"] else c[rows]
+    def _prepare(self, c) -> None:
+        # ½λ‖w‖² of the weights themselves: its gradient λw, projected like the loss gradient
+        self._weights_projected = None
+        if self.decay_to == "zero" and any(g["weight_decay"] for g in self.param_groups):
+            self._weights_projected = self._scale * self._placement.project_weights(
+                self._engine, self._binding, self._comm).to(c.dtype)
+
+    def _rule(self, group, rows, x, grad):
+        d = -grad if group["maximize"] else grad
         if group["weight_decay"]:
-            d = d + group["weight_decay"] * beta
+            toward = x if self._weights_projected is None else self._weights_projected[rows]
+            d = d + group["weight_decay"] * toward
         mu = group["momentum"]
         out = {}
         if mu:
@@ -48,5 +63,5 @@ class ProjectedSGD(ProjectedOptimizer):
             new_buf = torch.where(self._step <= 1, d, mu * old_buf + (1 - group["dampening"]) * d)
             out["momentum_buffer"] = new_buf
             d = d + mu * new_buf if group["nesterov"] else new_buf
-        out["beta"] = beta - group["lr"] * d
+        out["x"] = x - group["lr"] * d
         return out
