@@ -41,12 +41,14 @@ from benchmarks.common import announce_backends, environment, markdown_table, pi
 from benchmarks.quality import mean_std
 
 FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, half_epochs=2, per_epoch=6, budget=0.25,
-            text_chars=None, seeds=3, soup_runs=4, soup_epochs=0.25)
+            text_chars=None, seeds=3, soup_runs=4, soup_epochs=0.25, stable_epochs=2, stable_n=10)
 QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, half_epochs=1, per_epoch=4, budget=0.25,
-             text_chars=40_000, seeds=1, soup_runs=2, soup_epochs=0.25)
+             text_chars=40_000, seeds=1, soup_runs=2, soup_epochs=0.25, stable_epochs=1, stable_n=4)
 BASE_LR, WEIGHT_DECAY, WARMUP = 3e-3, 0.01, 0.05  # AdamW; warm-up as a fraction of the run
-TWA_LR = 1e-2  # ProjectedAdamW; its steps move a layer by about lr·√n (columns of P̃ have unit norm)
-EMA_GAMMA, LAWA_K = 0.7, 4
+# TWA runs ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, lr 0.03,
+# constant): the one configuration fixed before the run, for every regime and seed.
+EMA_GAMMA, LAWA_K, LAWA_KS = 0.7, 4, (2, 4, 8)
+CURVE_EVERY = 5  # TWA-t's train bpc is read every this many steps, for the plot
 SOUP_LRS = (1e-3, 3e-3)
 
 
@@ -148,11 +150,14 @@ class Run:
                 done += 1
             epoch += 1
 
+    def train_bpc(self, model):
+        """bpc on a fixed slice of the training split as long as the test split: TWA-t's objective."""
+        return bits_per_char(model, self.split["train"][: len(self.split["test"])], self.cfg["context"])
+
     def scores(self, model):
         c = self.cfg["context"]
-        test = bits_per_char(model, self.split["test"], c)
-        return {"test": test, "val": bits_per_char(model, self.split["val"], c),
-                "gap": test - bits_per_char(model, self.split["train"][: len(self.split["test"])], c)}
+        test, train = bits_per_char(model, self.split["test"], c), self.train_bpc(model)
+        return {"test": test, "val": bits_per_char(model, self.split["val"], c), "train": train, "gap": test - train}
 
     def train(self, epochs, lr=BASE_LR, start=None, seed=None, every=None, evaluate=False):
         """AdamW with warm-up and a cosine schedule over ``epochs``; with ``every`` (steps), a snapshot
@@ -175,21 +180,55 @@ class Run:
                 curve.append((k / self.epoch_steps, bits_per_char(model, self.split["test"], self.cfg["context"])))
         return model, snapshots, curve
 
-    def twa(self, ckpts, split, bits=4, scale="layer", epochs=None, start=None):
-        """ProjectedAdamW from w̄ of ``ckpts`` for ``epochs`` (default: the budget B) of training-set
-        steps, on ``split``."""
+    def twa(self, ckpts, split, bits=4, scale="layer", epochs=None, start=None, curve=None):
+        """ProjectedAdamW with its defaults over ``ckpts`` for ``epochs`` (default: the budget B) of
+        steps on ``split``; with a list ``curve``, (step, train bpc) every CURVE_EVERY steps go into it."""
         model = self.model(start or ckpts[-1])
         space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, scale=scale, progress=False)
-        opt = twa.ProjectedAdamW(model.parameters(), space, lr=TWA_LR)
+        opt = twa.ProjectedAdamW(model.parameters(), space)
         steps = max(1, round((self.cfg["budget"] if epochs is None else epochs) * self.epoch_steps))
-        for xb, yb in self.batches(split, steps, self.seed + 77):
+        if curve is not None:
+            curve.append((0, self.train_bpc(model)))
+        for k, (xb, yb) in enumerate(self.batches(split, steps, self.seed + 77), start=1):
             opt.zero_grad()
             loss_of(model, xb, yb).backward()
             opt.step()
+            if curve is not None and (k % CURVE_EVERY == 0 or k == steps):
+                curve.append((k, self.train_bpc(model)))
         return model, opt
+
+    def train_constant(self, epochs, window_epochs, count):
+        """A warm-up then constant-lr AdamW run (the stable phase of warmup-stable-decay) of ``epochs``;
+        ``count`` snapshots evenly over its last ``window_epochs``."""
+        model = self.model()
+        steps = round(epochs * self.epoch_steps)
+        opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=WEIGHT_DECAY)
+        warm = max(1, int(WARMUP * steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+        every = max(1, round(window_epochs * self.epoch_steps / count))
+        first = steps - every * count
+        snapshots = []
+        for k, (xb, yb) in enumerate(self.batches("train", steps, self.seed), start=1):
+            opt.zero_grad()
+            loss_of(model, xb, yb).backward()
+            opt.step()
+            sched.step()
+            if k > first and (k - first) % every == 0:
+                snapshots.append({n: p.detach().clone() for n, p in model.state_dict().items()})
+        return snapshots
 
     def averaged(self, state):
         return self.model(state)
+
+
+def in_span_baselines(run: Run, ckpts) -> dict:
+    """Every fixed merge of the checkpoints a user could take instead of TWA (each lies in its subspace)."""
+    out = {"last checkpoint": run.scores(run.averaged(ckpts[-1]))}
+    for k in LAWA_KS:
+        out[f"LAWA (k={k})"] = run.scores(run.averaged(twa.lawa(ckpts, k)))
+    out[f"EMA (γ={EMA_GAMMA})"] = run.scores(run.averaged(twa.ema(ckpts, EMA_GAMMA)))
+    out["SWA"] = run.scores(run.averaged(twa.swa(ckpts)))
+    return out
 
 
 def head_stage(run: Run):
@@ -198,16 +237,26 @@ def head_stage(run: Run):
     base, ckpts, curve = run.train(2 * E, every=every, evaluate=True)
     half, _, _ = run.train(E)
     out = {f"base run, {2 * E} epochs": run.scores(base), f"half-budget run, {E} epochs": run.scores(half),
-           "SWA": run.scores(run.averaged(twa.swa(ckpts))),
-           f"EMA (γ={EMA_GAMMA})": run.scores(run.averaged(twa.ema(ckpts, EMA_GAMMA))),
-           f"LAWA (k={LAWA_K})": run.scores(run.averaged(twa.lawa(ckpts, LAWA_K)))}
-    model, opt = run.twa(ckpts, "train")
+           **in_span_baselines(run, ckpts)}
+    twa_curve = []
+    model, opt = run.twa(ckpts, "train", curve=twa_curve)
     out["TWA-t, 4 bits"] = run.scores(model)
     alphas = opt.alphas()
     out["TWA-t, fp32"] = run.scores(run.twa(ckpts, "train", bits=None)[0])
     out["TWA-v, 4 bits"] = run.scores(run.twa(ckpts, "val")[0])
     out["TWA-v, fp32"] = run.scores(run.twa(ckpts, "val", bits=None)[0])
-    return out, ckpts, curve, alphas
+    return out, ckpts, curve, alphas, twa_curve
+
+
+def stable_phase(run: Run):
+    """Checkpoints of a constant-lr phase (the other end from the head stage: closely spaced, small
+    spread): the last 0.5 epoch of a 2-epoch warm-up + constant run, n = 10."""
+    ckpts = run.train_constant(run.cfg["stable_epochs"], 0.5, run.cfg["stable_n"])
+    out = in_span_baselines(run, ckpts)
+    twa_curve = []
+    out["TWA-t, 4 bits"] = run.scores(run.twa(ckpts, "train", curve=twa_curve)[0])
+    out["TWA-v, 4 bits"] = run.scores(run.twa(ckpts, "val")[0])
+    return out, twa_curve
 
 
 def bits_ablation(run: Run, ckpts):
@@ -237,9 +286,47 @@ def soup(run: Run, start):
 def table(per_seed):
     rows = []
     for k in per_seed[0]:
-        rows.append([k, mean_std([s[k]["test"] for s in per_seed], 3), mean_std([s[k]["val"] for s in per_seed], 3),
-                     mean_std([s[k]["gap"] for s in per_seed], 3)])
-    return markdown_table(["method", "test bpc", "validation bpc", "test − train bpc"], rows)
+        rows.append([k, mean_std([s[k]["train"] for s in per_seed], 3), mean_std([s[k]["test"] for s in per_seed], 3),
+                     mean_std([s[k]["val"] for s in per_seed], 3), mean_std([s[k]["gap"] for s in per_seed], 3)])
+    return markdown_table(["method", "train bpc", "test bpc", "validation bpc", "test − train bpc"], rows)
+
+
+BASELINE_KEYS = ("last checkpoint", *(f"LAWA (k={k})" for k in LAWA_KS), f"EMA (γ={EMA_GAMMA})", "SWA")
+
+
+def targets(per_seed) -> list[str]:
+    """Per seed: TWA-t's train bpc against the best in-span baseline's, TWA-v's validation bpc likewise."""
+    lines = []
+    for seed, s in enumerate(per_seed):
+        for method, metric in (("TWA-t, 4 bits", "train"), ("TWA-v, 4 bits", "val")):
+            best = min(BASELINE_KEYS, key=lambda k: s[k][metric])
+            got = s[method][metric]
+            lines.append(f"seed {seed}: {method} {metric} bpc {got:.3f} vs best in-span baseline ({best}) "
+                         f"{s[best][metric]:.3f}: {'met' if got <= s[best][metric] else 'NOT met'}")
+    return lines
+
+
+def plot_twa_curves(regimes, path):
+    """Train bpc against TWA-t step (mean over seeds), the in-span baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4), squeeze=False)
+    for ax, (title, per_seed, curves) in zip(axes[0], regimes):
+        xs = [x for x, _ in curves[0]]
+        ax.plot(xs, [statistics.mean(c[i][1] for c in curves) for i in range(len(xs))], "o-", color="black",
+                label="TWA-t (defaults), 4 bits")
+        for k, color in zip(BASELINE_KEYS, plt.cm.tab10.colors):
+            ax.axhline(statistics.mean(s[k]["train"] for s in per_seed), color=color, linestyle="--", label=k)
+        ax.set_xlabel("TWA step")
+        ax.set_ylabel("train bits per character")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(curves, head, cfg, path):
@@ -298,11 +385,16 @@ def main(argv=None):
     announce_backends(device)
     split, vocab, data_record = corpus(cfg["text_chars"])
     head, ablation, soups, curves, alphas0 = [], [], [], [], None
+    stable, head_twa, stable_twa = [], [], []
     for seed in tqdm(range(cfg["seeds"]), desc="quality_text", unit="seed"):
         run = Run(split, vocab, cfg, seed)
-        h, ckpts, curve, alphas = head_stage(run)
+        h, ckpts, curve, alphas, twa_curve = head_stage(run)
         head.append(h)
         curves.append(curve)
+        head_twa.append(twa_curve)
+        st, st_curve = stable_phase(run)
+        stable.append(st)
+        stable_twa.append(st_curve)
         alphas0 = alphas if alphas0 is None else alphas0
         ablation.append(bits_ablation(run, ckpts))
         soups.append(soup(run, ckpts[-1]))
@@ -313,18 +405,31 @@ def main(argv=None):
           f"{env['device']}; torch {env['torch']}; commit {str(env['commit'])[:10]}; {env['date']})\n\n"
           f"Model: causal transformer, width {cfg['width']}, {cfg['layers']} layer(s), context {cfg['context']}; "
           f"AdamW lr {BASE_LR}, cosine. Checkpoints every 1/{cfg['per_epoch']} epoch of the first {E} epoch(s) "
-          f"(n = {E * cfg['per_epoch']}); TWA budget {cfg['budget']} epoch, ProjectedAdamW lr {TWA_LR}.\n\n"
+          f"(n = {E * cfg['per_epoch']}); TWA budget {cfg['budget']} epoch from the default init, "
+          f"ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, constant lr 0.03). "
+          f"Train bpc on a fixed slice of the training split as long as the test split.\n\n"
           f"(a) head stage\n\n" + table(head)
+          + f"\n(a') stable phase: n = {cfg['stable_n']} checkpoints over the last 0.5 epoch of a "
+          f"{cfg['stable_epochs']}-epoch warm-up + constant-lr run, the same TWA\n\n" + table(stable)
+          + "\nTargets (TWA-t train ≤ every in-span baseline's, TWA-v validation ≤ theirs), head stage:\n\n"
+          + "\n".join(f"- {line}" for line in targets(head)) + "\n\nstable phase:\n\n"
+          + "\n".join(f"- {line}" for line in targets(stable)) + "\n"
           + "\n(b) bits ablation of TWA-t\n\n" + table(ablation)
           + f"\n(c) soup of {cfg['soup_runs']} fine-tuning runs of {cfg['soup_epochs']} epoch from the epoch-{E} point\n\n"
           + table(soups) + "\n" + verdict(head, cfg) + "\n")
     print(md)
     path = save("quality_text" + ("_quick" if args.quick else ""), device,
-                {"config": cfg, "data": data_record, "head_stage": head, "bits_ablation": ablation, "soup": soups,
-                 "base_curves": curves, "alphas_seed0": alphas0.tolist(), "verdict": verdict(head, cfg)},
+                {"config": cfg, "data": data_record, "head_stage": head, "stable_phase": stable,
+                 "bits_ablation": ablation, "soup": soups, "base_curves": curves,
+                 "twa_t_train_curves": {"head_stage": head_twa, "stable_phase": stable_twa},
+                 "targets": {"head_stage": targets(head), "stable_phase": targets(stable)},
+                 "alphas_seed0": alphas0.tolist(), "verdict": verdict(head, cfg)},
                 md, out_dir=args.out_dir)
     plot(curves, head, cfg, path[:-5] + "_curve.png")
-    print(f"saved {path}, {path[:-5]}_curve.png")
+    plot_twa_curves([("head stage: checkpoints of a cosine run's first half", head, head_twa),
+                     ("stable phase: checkpoints of a constant-lr run", stable, stable_twa)],
+                    path[:-5] + "_twa_steps.png")
+    print(f"saved {path}, {path[:-5]}_curve.png, {path[:-5]}_twa_steps.png")
 
 
 if __name__ == "__main__":

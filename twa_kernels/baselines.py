@@ -88,8 +88,10 @@ def ema_weights(k: int, gamma: float) -> list[float]:
 
 
 def lawa(checkpoints: Sequence, k: int, **read) -> dict[str, torch.Tensor]:
-    """Latest weight averaging: the uniform mean of the last ``k`` checkpoints."""
-    return weighted_mean(checkpoints, lawa_weights(len(checkpoints), k), **read)
+    """Latest weight averaging: the uniform mean of the last ``k`` checkpoints (all of them when fewer)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return weighted_mean(checkpoints, lawa_weights(len(checkpoints), min(k, len(checkpoints))), **read)
 
 
 def lawa_weights(n: int, k: int) -> list[float]:

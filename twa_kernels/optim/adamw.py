@@ -12,7 +12,7 @@ class ProjectedAdamW(ProjectedOptimizer):
 
     _buffer_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, space, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, space, lr: float = 0.03, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
                  backend: str = "auto", init=DEFAULT_INIT, coordinates: str = "spread",
                  nonfinite: str | None = None, foreach: bool | None = None, fused: bool | None = None,
