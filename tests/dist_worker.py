@@ -19,8 +19,8 @@ from reference import batches, make_checkpoints, make_model  # noqa: E402
 STEPS = 8
 GLOBAL_BATCH = 24  # divisible by 2 and 3: the mean of the ranks' mean gradients is the full-batch mean
 OPTIMIZERS = {
-    "sgd": (twa.ProjectedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    "adamw": (twa.ProjectedAdamW, dict(lr=1e-2, weight_decay=1e-3)),
+    "sgd": (twa.ProjectedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, init="center")),
+    "adamw": (twa.ProjectedAdamW, dict(lr=1e-2, weight_decay=1e-3, init="center")),
 }
 
 

@@ -86,7 +86,7 @@ def test_checkpoint_folders_to_a_twa_phase_with_the_trainers_grouping(ordinary_r
 def test_an_optimizer_made_before_the_trainer(ordinary_run, tmp_path):
     model = tiny_gpt2(seed=2)
     space = twa.Subspace.from_checkpoints(model, checkpoint_folders(ordinary_run), bits=4, progress=False)
-    opt = twa.ProjectedSGD(model.parameters(), space, lr=0.5, momentum=0.9)
+    opt = twa.ProjectedSGD(model.parameters(), space, lr=0.5, momentum=0.9, init="center", coordinates="paper")
     trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=6), train_dataset=Tokens(seed=2),
                                    optimizers=(opt, None))  # the Trainer then moves the model to its device
     trainer.train()

@@ -92,7 +92,7 @@ def test_construction_moves_model_to_center_and_last():
     model = make_model()
     ckpts = make_checkpoints(model, 4)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=None, progress=False)
-    twa.ProjectedSGD(model.parameters(), space, lr=0.1)
+    twa.ProjectedSGD(model.parameters(), space, lr=0.1, init="center")
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert torch.equal(flat, space.center.double())
     opt = twa.ProjectedSGD(model.parameters(), space, lr=0.1, init="last")
@@ -186,7 +186,7 @@ def test_param_groups_map_to_layers():
     named = dict(model.named_parameters())
     groups = [{"params": [(k, named[k]) for k in ("fc1.weight", "fc2.weight")], "lr": 0.0},
               {"params": [(k, named[k]) for k in ("fc1.bias", "fc2.bias", "gain")], "lr": 0.5}]
-    opt = twa.ProjectedSGD(groups, space, lr=0.1)
+    opt = twa.ProjectedSGD(groups, space, lr=0.1, init="center")
     run_steps(model, opt, batches(3))
     names = [nm for nm, _ in model.named_parameters()]
     beta = opt.beta
@@ -198,7 +198,7 @@ def test_param_groups_map_to_layers():
     plain_space = twa.Subspace.from_checkpoints(plain_model, ckpts, bits=None, progress=False)
     p = dict(plain_model.named_parameters())
     plain = twa.ProjectedSGD([{"params": [p["fc2.weight"], p["fc1.weight"]], "lr": 0.0},
-                              {"params": [p["gain"], p["fc2.bias"], p["fc1.bias"]], "lr": 0.5}], plain_space, lr=0.1)
+                              {"params": [p["gain"], p["fc2.bias"], p["fc1.bias"]], "lr": 0.5}], plain_space, lr=0.1, init="center")
     run_steps(plain_model, plain, batches(3))
     assert torch.equal(plain.beta, beta)
 
@@ -234,7 +234,7 @@ def _drift_in_ulps(dtype, compensated):
     ckpts = make_checkpoints(model, 6, step=0.02)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
     model = model.to(dtype)
-    opt = twa.ProjectedSGD(model.parameters(), space, lr=1e-3)
+    opt = twa.ProjectedSGD(model.parameters(), space, lr=1e-3, init="center", coordinates="paper")
     if not compensated:
         opt._compensation = None  # the control: plain rounding of w += P̃Δβ
     params = list(model.parameters())

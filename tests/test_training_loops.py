@@ -40,13 +40,13 @@ def test_model_cast_after_the_optimizer_trains_as_if_cast_before(dtype):
     optimizer made after the cast gives (bf16/fp16 included: the Kahan residue is rebuilt)."""
     data = batches(6, dtype=torch.float32)
     followed, space = build()
-    opt = twa.ProjectedSGD(followed.parameters(), space, lr=0.2, momentum=0.9)
+    opt = twa.ProjectedSGD(followed.parameters(), space, lr=0.2, momentum=0.9, init="center")
     followed.to(dtype)
     losses = train(followed, opt, data, dtype)
 
     ref, ref_space = build()
     ref.to(dtype)
-    ref_opt = twa.ProjectedSGD(ref.parameters(), ref_space, lr=0.2, momentum=0.9)
+    ref_opt = twa.ProjectedSGD(ref.parameters(), ref_space, lr=0.2, momentum=0.9, init="center")
     ref_losses = train(ref, ref_opt, data, dtype)
 
     assert opt.backend == ref_opt.backend

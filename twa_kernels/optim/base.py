@@ -139,7 +139,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._buffers = {name: torch.zeros(shape, dtype=acc, device=device) for name in self._buffer_names}
         self.coordinates = coordinates
         # β = scale · x per layer: the rule runs on x, in units of the layer's own checkpoint spread
-        self._scale = space.coordinate_scale(coordinates).to(device, acc)[:, None]
+        self._scale = self._coordinate_scale(device, acc)
         self._compensation = self._new_compensation()
         self._group_rows = self._layers_per_group(ordered, space)
         beta0 = None
@@ -163,6 +163,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         layout = space.projection.layout
         return make_engine(space.projection, binding.device, self._backend_request, dtype=binding.dtype,
                            segments=space.placement.segments(layout, binding))
+
+    def _coordinate_scale(self, device, dtype) -> torch.Tensor:
+        return self.space.coordinate_scale(self.coordinates).to(device, dtype)[:, None]
 
     def _new_compensation(self):
         """Kahan residue of the rounded weights this rank updates, for bf16/fp16 weights. bf16 for fp16
@@ -251,7 +254,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._beta = self._beta.to(device, acc)
         self._step = self._step.to(device, acc)
         self._buffers = {k: v.to(device, acc) for k, v in self._buffers.items()}
-        self._scale = self._scale.to(device, acc)
+        self._scale = self._coordinate_scale(device, acc)  # from fp64, as an optimizer made after the cast
         self._group_rows = [r.to(device) if isinstance(r, torch.Tensor) else r for r in self._group_rows]
         if dtype == old_dtype:
             if self._compensation is not None:
