@@ -1,18 +1,24 @@
 """A miniature of the paper's quality tables on real data that ships with scikit-learn (load_digits).
 
-    python -m benchmarks.quality               # 3 seeds, about a minute on 2 CPU cores
+    python -m benchmarks.quality               # 3 seeds, a few minutes on 2 CPU cores
 
-(a) head stage: a base SGD run of E epochs against SWA / EMA / LAWA / TWA-t / TWA-v built from the
-    checkpoints of its first E/2 epochs (TWA-t trains on the training set, TWA-v on the validation set);
+(a) head stage, for two models (an MLP and a small CNN, both with BatchNorm): a base SGD run of E epochs
+    against every fixed merge of the checkpoints of its first E/2 epochs a user could take instead (the
+    last checkpoint, LAWA over the last 2, 4, 8, EMA, SWA) and TWA-t / TWA-v over the same checkpoints
+    (TWA-t trains on the training set, TWA-v on the validation set);
 (b) soup: K fine-tuning runs from one start (different learning rates, weight decays, data orders):
     best single model (by validation), uniform soup, greedy soup, TWA-t, TWA-v;
-(c) bits ablation of TWA-t on (a)'s checkpoints: 1, 2, 4, 8 bits and fp32, with the paper's per-layer
-    scale and with the norm-preserving per-column scale.
+(c) bits ablation of TWA-t on (a)'s MLP checkpoints: 1, 2, 4, 8 bits and fp32, with the paper's
+    per-layer scale and with the norm-preserving per-column scale.
 
+TWA is ``ProjectedAdamW(model.parameters(), space)`` with every default (spread coordinates, init at
+the last checkpoint, constant lr), the one configuration of the text benchmark, for a fixed budget.
 The split (60% train, 10% validation, 30% test, stratified) is fixed; seeds change initialisation and
 data order. Every hyper-parameter is fixed below in advance; choices among models use the validation
-set only; the test set is only ever evaluated. Reported: test accuracy and the train − test gap,
-mean ± std over seeds, plus a plot of TWA's learned averaging weights α and of the bits ablation.
+set only; the test set is only ever evaluated. Reported: cross-entropy on train / validation / test,
+test accuracy and the train − test accuracy gap, mean ± std over seeds; per seed, whether TWA-t's
+train loss and TWA-v's validation loss are at or below every in-span baseline's; plots of train loss
+against TWA step, of TWA's learned averaging weights α and of the bits ablation.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ from tqdm.auto import tqdm
 
 import twa_kernels as twa
 from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
+from benchmarks.in_span import baseline_names, in_span_baselines, plot_twa_curves, targets
 
 EPOCHS = 20  # base run; checkpoints of the first EPOCHS / 2 epochs feed the averages
 BATCH = 32
 BASE_LR, MOMENTUM = 0.05, 0.9
-TWA_T = dict(epochs=2, lr=0.1, momentum=0.9)  # ProjectedSGD on the training set
-TWA_V = dict(epochs=10, lr=0.1, momentum=0.9)  # ProjectedSGD on the validation set
-EMA_GAMMA, LAWA_K = 0.5, 5
+TWA_T_EPOCHS, TWA_V_EPOCHS = 2, 10  # budgets on the training set (34 steps an epoch) and the validation set (6)
+CURVE_EVERY = 4  # TWA-t's train loss is read every this many steps, for the plot
+EMA_GAMMA = 0.5
+BASELINES = baseline_names(EMA_GAMMA)
 SOUP_CONFIGS = [(lr, wd, order) for lr in (0.01, 0.05) for wd in (0.0, 1e-3) for order in (0, 1)][:6]
 SOUP_PRETRAIN, SOUP_FINETUNE = 3, 6
+ARCHS = ("MLP", "CNN")
 
 
 def data(device):
@@ -50,9 +59,15 @@ def data(device):
     return {k: (x[i].to(device), y[i].to(device)) for k, i in (("train", train), ("val", val), ("test", test))}
 
 
-def make_model():
-    return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                         nn.Linear(64, 10))
+def make_model(arch="MLP"):
+    if arch == "MLP":
+        return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                             nn.Linear(64, 10))
+    if arch == "CNN":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(32 * 16, 10))
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
 
 
 def batches(split, seed):
@@ -63,20 +78,30 @@ def batches(split, seed):
         yield x[j], y[j]
 
 
-def train_epochs(model, opt, split, epochs, seed):
+def train_epochs(model, opt, split, epochs, seed, after_step=None):
     model.train()
     for e in range(epochs):
         for xb, yb in batches(split, seed * 1000 + e):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
+            if after_step is not None:
+                after_step()
 
 
 @torch.no_grad()
-def accuracy(model, split):
+def evaluate(model, split):
+    """(accuracy, mean cross-entropy) in eval mode."""
     model.eval()
     x, y = split
-    return float((model(x).argmax(1) == y).float().mean())
+    logits = model(x)
+    out = float((logits.argmax(1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
+    model.train()
+    return out
+
+
+def accuracy(model, split):
+    return evaluate(model, split)[0]
 
 
 def recompute_bn(model, d):
@@ -84,36 +109,53 @@ def recompute_bn(model, d):
 
 
 def scores(model, d):
-    return {"test": accuracy(model, d["test"]), "gap": accuracy(model, d["train"]) - accuracy(model, d["test"]),
-            "val": accuracy(model, d["val"])}
+    (train_acc, train), (val_acc, val), (test_acc, test) = (evaluate(model, d[k]) for k in ("train", "val", "test"))
+    return {"train": train, "val": val, "test": test, "test_acc": test_acc, "val_acc": val_acc,
+            "gap": train_acc - test_acc}
 
 
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_twa(start_state, ckpts, d, split, cfg, seed, bits=4, scale="layer", want_alphas=False):
-    model = make_model().to(d["train"][0].device)
+def run_twa(start_state, ckpts, d, split, epochs, seed, arch="MLP", bits=4, scale="layer", curve=None):
+    """ProjectedAdamW with its defaults; with a list ``curve``, (step, train loss) every CURVE_EVERY steps
+    (the BatchNorm statistics recomputed for each reading; they do not enter the training forward)."""
+    model = make_model(arch).to(d["train"][0].device)
     model.load_state_dict(start_state)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, scale=scale, progress=False)
-    opt = twa.ProjectedSGD(model.parameters(), space, lr=cfg["lr"], momentum=cfg["momentum"])
-    recompute_bn(model, d)  # the buffers of w̄ are not w̄'s statistics
-    train_epochs(model, opt, d[split], cfg["epochs"], seed + 77)
+    opt = twa.ProjectedAdamW(model.parameters(), space)
+    step = 0
+
+    def read():
+        recompute_bn(model, d)
+        curve.append((step, evaluate(model, d["train"])[1]))
+
+    def after_step():
+        nonlocal step
+        step += 1
+        if step % CURVE_EVERY == 0:
+            read()
+
+    if curve is not None:
+        read()
+    train_epochs(model, opt, d[split], epochs, seed + 77, after_step if curve is not None else None)
+    if curve is not None and curve[-1][0] != step:
+        read()
     recompute_bn(model, d)
-    out = scores(model, d)
-    return (out, opt.alphas()) if want_alphas else out
+    return scores(model, d), opt.alphas()
 
 
-def load_average(state, d):
-    model = make_model().to(d["train"][0].device)
+def load_average(state, d, arch="MLP"):
+    model = make_model(arch).to(d["train"][0].device)
     model.load_state_dict(state)
     recompute_bn(model, d)
     return model
 
 
-def head_stage(d, seed, epochs=EPOCHS):
+def head_stage(d, seed, epochs=EPOCHS, arch="MLP"):
     torch.manual_seed(seed)
-    model = make_model().to(d["train"][0].device)
+    model = make_model(arch).to(d["train"][0].device)
     opt = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM)
     ckpts = []
     for e in range(epochs):
@@ -121,15 +163,11 @@ def head_stage(d, seed, epochs=EPOCHS):
         if e < epochs // 2:
             ckpts.append(snapshot(model))
     out = {f"base run, {epochs} epochs": scores(model, d)}
-    half = make_model().to(d["train"][0].device)
-    half.load_state_dict(ckpts[-1])
-    out[f"base run, {epochs // 2} epochs"] = scores(half, d)
-    out["SWA"] = scores(load_average(twa.swa(ckpts), d), d)
-    out[f"EMA (γ={EMA_GAMMA})"] = scores(load_average(twa.ema(ckpts, EMA_GAMMA), d), d)
-    out[f"LAWA (k={LAWA_K})"] = scores(load_average(twa.lawa(ckpts, LAWA_K), d), d)
-    out["TWA-t"], alphas = run_twa(ckpts[-1], ckpts, d, "train", TWA_T, seed, want_alphas=True)
-    out["TWA-v"] = run_twa(ckpts[-1], ckpts, d, "val", TWA_V, seed)
-    return out, ckpts, alphas
+    out.update(in_span_baselines(ckpts, lambda state: scores(load_average(state, d, arch), d), EMA_GAMMA))
+    curve = []
+    out["TWA-t"], alphas = run_twa(ckpts[-1], ckpts, d, "train", TWA_T_EPOCHS, seed, arch, curve=curve)
+    out["TWA-v"], _ = run_twa(ckpts[-1], ckpts, d, "val", TWA_V_EPOCHS, seed, arch)
+    return out, ckpts, alphas, curve
 
 
 def soup(d, seed):
@@ -146,27 +184,22 @@ def soup(d, seed):
         train_epochs(m, torch.optim.SGD(m.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=wd), d["train"],
                      SOUP_FINETUNE, seed * 10 + order + 1)
         finetuned.append(snapshot(m))
-    vals = []
-    for sd in finetuned:
-        vals.append(accuracy(load_average(sd, d), d["val"]))
+    vals = [accuracy(load_average(sd, d), d["val"]) for sd in finetuned]
     best = max(range(len(finetuned)), key=lambda i: vals[i])
     out = {"best single (by val)": scores(load_average(finetuned[best], d), d),
            "uniform soup": scores(load_average(twa.swa(finetuned), d), d)}
     m = make_model().to(dev)
     _, chosen = twa.greedy_soup(m, finetuned, lambda mm: accuracy(mm, d["val"]), after_load=lambda mm: recompute_bn(mm, d))
     out[f"greedy soup ({len(chosen)} of {len(finetuned)})"] = scores(m, d)
-    out["TWA-t"] = run_twa(start_state, finetuned, d, "train", TWA_T, seed)
-    out["TWA-v"] = run_twa(start_state, finetuned, d, "val", TWA_V, seed)
+    out["TWA-t"], _ = run_twa(start_state, finetuned, d, "train", TWA_T_EPOCHS, seed)
+    out["TWA-v"], _ = run_twa(start_state, finetuned, d, "val", TWA_V_EPOCHS, seed)
     return out
 
 
 def bits_ablation(d, ckpts, seed):
-    out = {}
-    for scale in ("layer", "column_norm"):
-        for bits in (1, 2, 4, 8, None):
-            out[(scale, "fp32" if bits is None else bits)] = run_twa(ckpts[-1], ckpts, d, "train", TWA_T, seed,
-                                                                     bits=bits, scale=scale)
-    return out
+    return {(scale, "fp32" if bits is None else bits): run_twa(ckpts[-1], ckpts, d, "train", TWA_T_EPOCHS, seed,
+                                                              bits=bits, scale=scale)[0]
+            for scale in ("layer", "column_norm") for bits in (1, 2, 4, 8, None)}
 
 
 def mean_std(values, digits: int = 2) -> str:
@@ -175,9 +208,12 @@ def mean_std(values, digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def summarize(per_seed):
-    return [[k, mean_std([100 * s[k]["test"] for s in per_seed]), mean_std([100 * s[k]["gap"] for s in per_seed])]
+def table(per_seed):
+    rows = [[k, *(mean_std([s[k][m] for s in per_seed], 4) for m in ("train", "val", "test")),
+             mean_std([100 * s[k]["test_acc"] for s in per_seed]), mean_std([100 * s[k]["gap"] for s in per_seed])]
             for k in per_seed[0]]
+    return markdown_table(["method", "train loss", "validation loss", "test loss", "test accuracy (%)",
+                           "train − test accuracy (pts)"], rows)
 
 
 def plots(alphas, ablation_rows, names, path_prefix):
@@ -191,7 +227,7 @@ def plots(alphas, ablation_rows, names, path_prefix):
                    vmax=float(alphas.abs().max()))
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("checkpoint (epoch)")
-    ax.set_title("TWA-t learned averaging weights α per layer (seed 0; uniform SWA = 1/n)", fontsize=9)
+    ax.set_title("TWA-t learned averaging weights α per layer (MLP, seed 0; uniform SWA = 1/n)", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path_prefix + "_alphas.png", dpi=120)
@@ -222,37 +258,49 @@ def main(argv=None):
     device = pick_device(args.device)
     announce_backends(device)
     d = data(device)
-    head, soups, ablations = [], [], []
-    alphas0 = None
+    head = {arch: [] for arch in ARCHS}
+    curves = {arch: [] for arch in ARCHS}
+    soups, ablations, alphas0 = [], [], None
     for seed in tqdm(range(args.seeds), desc="quality", unit="seed"):
-        h, ckpts, alphas = head_stage(d, seed, args.epochs)
-        head.append(h)
-        alphas0 = alphas if alphas0 is None else alphas0
+        for arch in ARCHS:
+            h, ckpts, alphas, curve = head_stage(d, seed, args.epochs, arch)
+            head[arch].append(h)
+            curves[arch].append(curve)
+            if arch == "MLP":
+                alphas0 = alphas if alphas0 is None else alphas0
+                ablations.append(bits_ablation(d, ckpts, seed))
         soups.append(soup(d, seed))
-        ablations.append(bits_ablation(d, ckpts, seed))
     env = environment(device)
     abl_rows, abl_summary = [], {}
     for key in ablations[0]:
-        test = [100 * a[key]["test"] for a in ablations]
+        test = [100 * a[key]["test_acc"] for a in ablations]
         m, s = statistics.mean(test), statistics.stdev(test) if len(test) > 1 else 0.0
         abl_summary[key] = (m, s)
-        abl_rows.append([key[0], key[1], f"{m:.2f} ± {s:.2f}"])
-    header = ["method", "test accuracy (%)", "train − test gap (pts)"]
+        abl_rows.append([key[0], key[1], mean_std([a[key]["train"] for a in ablations], 4), f"{m:.2f} ± {s:.2f}"])
+    pairs = (("TWA-t", "train"), ("TWA-v", "val"))
+    goals = {arch: targets(head[arch], BASELINES, pairs, "loss") for arch in ARCHS}
     md = (f"Quality on scikit-learn digits ({args.seeds} seeds; {env['device']}; torch {env['torch']}; "
           f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
-          f"(a) head stage: base run {args.epochs} epochs; averages over the checkpoints of epochs 1–{args.epochs // 2}\n\n"
-          + markdown_table(header, summarize(head))
-          + f"\n(b) soup of {len(SOUP_CONFIGS)} fine-tuning runs from one start\n\n"
-          + markdown_table(header, summarize(soups))
-          + "\n(c) bits ablation of TWA-t on (a)'s checkpoints\n\n"
-          + markdown_table(["scale", "bits", "test accuracy (%)"], abl_rows))
+          f"TWA: ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, constant lr), "
+          f"TWA-t {TWA_T_EPOCHS} epochs on the training set, TWA-v {TWA_V_EPOCHS} epochs on the validation set, "
+          f"4 bits. Losses are mean cross-entropy with BatchNorm statistics recomputed on the training set.\n\n"
+          + "".join(f"(a) head stage, {arch}: base run {args.epochs} epochs of SGD; averages over the checkpoints of "
+                    f"epochs 1–{args.epochs // 2} (the last checkpoint is the base run at epoch {args.epochs // 2})\n\n"
+                    + table(head[arch]) + "\nTargets (TWA-t train loss ≤ every in-span baseline's, TWA-v validation "
+                    "loss ≤ theirs):\n\n" + "\n".join(f"- {line}" for line in goals[arch]) + "\n\n" for arch in ARCHS)
+          + f"(b) soup of {len(SOUP_CONFIGS)} fine-tuning runs from one start (MLP)\n\n" + table(soups)
+          + "\n(c) bits ablation of TWA-t on (a)'s MLP checkpoints\n\n"
+          + markdown_table(["scale", "bits", "train loss", "test accuracy (%)"], abl_rows))
     print(md)
-    path = save("quality", device, {"head_stage": head, "soup": soups,
-                                    "bits_ablation": [{f"{k[0]}/{k[1]}": v for k, v in a.items()} for a in ablations]}, md,
-                out_dir=args.out_dir)
+    path = save("quality", device, {"head_stage": head["MLP"], "head_stage_cnn": head["CNN"], "soup": soups,
+                                    "twa_t_train_curves": curves, "targets": goals,
+                                    "bits_ablation": [{f"{k[0]}/{k[1]}": v for k, v in a.items()} for a in ablations]},
+                md, out_dir=args.out_dir)
     names = [nm for nm, _ in make_model().named_parameters()]
     plots(alphas0, abl_summary, names, path[:-5])
-    print(f"saved {path}, {path[:-5]}_alphas.png, {path[:-5]}_bits.png")
+    plot_twa_curves([(f"digits {arch}: checkpoints of epochs 1–{args.epochs // 2}", head[arch], curves[arch])
+                     for arch in ARCHS], BASELINES, path[:-5] + "_twa_steps.png", "train cross-entropy")
+    print(f"saved {path}, {path[:-5]}_alphas.png, {path[:-5]}_bits.png, {path[:-5]}_twa_steps.png")
 
 
 if __name__ == "__main__":

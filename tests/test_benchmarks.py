@@ -1,6 +1,7 @@
 """The benchmark scripts and the README's quickstart run end to end (tiny sizes; results to tmp)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -60,10 +61,20 @@ def test_roofline_small(tmp_path):
 def test_quality_smoke(tmp_path):
     out = run("-m", "benchmarks.quality", "--seeds", "1", "--epochs", "4", "--out-dir", str(tmp_path))
     assert "TWA-t" in out and "greedy soup" in out
+    assert "in-span baseline" in out
     data = json.loads(next(tmp_path.glob("quality_*.json")).read_text())
-    for method, res in data["head_stage"][0].items():
-        assert 0.0 <= res["test"] <= 1.0, method
-    assert len(list(tmp_path.glob("quality_*_alphas.png"))) == 1
+    for head in (data["head_stage"][0], data["head_stage_cnn"][0]):
+        assert {"last checkpoint", "LAWA (k=2)", "SWA", "TWA-t", "TWA-v"} <= set(head)
+        for method, res in head.items():
+            assert 0.0 <= res["test_acc"] <= 1.0 and 0.0 < res["train"] < math.log(10), method
+    # the train-loss curve starts at the default init, the last checkpoint as the 4-bit P̃ spans it (so
+    # only near its loss), and ends at TWA-t's reported train loss
+    curve = data["twa_t_train_curves"]["MLP"][0]
+    assert curve[0][0] == 0 and curve[0][1] == pytest.approx(data["head_stage"][0]["last checkpoint"]["train"], rel=0.1)
+    assert curve[-1][1] == pytest.approx(data["head_stage"][0]["TWA-t"]["train"], rel=1e-6)
+    assert len(data["targets"]["CNN"]) == 2
+    for suffix in ("alphas", "bits", "twa_steps"):
+        assert len(list(tmp_path.glob(f"quality_*_{suffix}.png"))) == 1
 
 
 def test_distributed_smoke(tmp_path):

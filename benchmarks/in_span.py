@@ -1,0 +1,60 @@
+"""What every quality benchmark compares TWA with: the fixed merges a user could take instead from the
+same checkpoints. Each lies in TWA's subspace, so TWA-t (which minimises the training loss there)
+should end at or below each one's training loss, and TWA-v at or below each one's validation loss.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import twa_kernels as twa
+
+LAWA_KS = (2, 4, 8)
+
+
+def baseline_names(ema_gamma: float) -> tuple[str, ...]:
+    return ("last checkpoint", *(f"LAWA (k={k})" for k in LAWA_KS), f"EMA (γ={ema_gamma})", "SWA")
+
+
+def in_span_baselines(ckpts, score: Callable[[dict], dict], ema_gamma: float) -> dict:
+    """``score(state_dict)`` for the last checkpoint, LAWA over the last 2, 4, 8, EMA and SWA."""
+    merges = [ckpts[-1], *(twa.lawa(ckpts, k) for k in LAWA_KS), twa.ema(ckpts, ema_gamma), twa.swa(ckpts)]
+    return {name: score(state) for name, state in zip(baseline_names(ema_gamma), merges)}
+
+
+def targets(per_seed, baselines, pairs, unit: str) -> list[str]:
+    """Per seed and ``(method, metric)`` pair: the method's loss against the best in-span baseline's
+    (lower is better), and whether the target is met."""
+    lines = []
+    for seed, s in enumerate(per_seed):
+        for method, metric in pairs:
+            best = min(baselines, key=lambda k: s[k][metric])
+            got = s[method][metric]
+            lines.append(f"seed {seed}: {method} {metric} {unit} {got:.3f} vs best in-span baseline ({best}) "
+                         f"{s[best][metric]:.3f}: {'met' if got <= s[best][metric] else 'NOT met'}")
+    return lines
+
+
+def plot_twa_curves(regimes, baselines, path, ylabel: str, label: str = "TWA-t (defaults), 4 bits"):
+    """Train loss against TWA-t step (mean over seeds) with the in-span baselines as horizontal lines;
+    ``regimes``: (title, per-seed results, per-seed [(step, train loss)] curves) for each panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4), squeeze=False)
+    for ax, (title, per_seed, curves) in zip(axes[0], regimes):
+        xs = [x for x, _ in curves[0]]
+        ax.plot(xs, [statistics.mean(c[i][1] for c in curves) for i in range(len(xs))], "o-", color="black",
+                markersize=3, label=label)
+        for k, color in zip(baselines, plt.cm.tab10.colors):
+            ax.axhline(statistics.mean(s[k]["train"] for s in per_seed), color=color, linestyle="--", label=k)
+        ax.set_xlabel("TWA step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
