@@ -35,7 +35,9 @@ def test_table13_small(tmp_path):
     assert "Table 13 (CPU" in out and "one rank measured" in out
     data = json.loads(next(tmp_path.glob("table13_*.json")).read_text())
     configs = {(r["gpus"], r["config"]) for r in data["rows"]}
-    assert {(1, "sgd"), (1, "twa_fp32"), (1, "twa_4bit"), (2, "twa_4bit")} <= configs
+    assert {(1, "sgd"), (1, "twa_fp32"), (1, "twa_4bit"), (1, "twa_4bit_paper"), (2, "twa_4bit")} <= configs
+    assert {r["coordinates"] for r in data["rows"] if r["config"] != "sgd"} == {"spread", "paper"}
+    assert "optimizer step alone" in out and math.isfinite(data["spread_vs_paper"]["opt_step_pct"])
     for r in data["rows"]:
         assert r["time_s"] > 0 and r["peak_bytes"] > 0
     assert data["environment"]["commit"] and data["environment"]["device_type"] == "cpu"
@@ -120,7 +122,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert (tmp_path / "gpu_suite.md").read_text().count("| passed |") == 4
     # its table13 step is the main job's quick form: it records which backend ran, and says so first
     table13 = json.loads((tmp_path / "table13_cpu.json").read_text())
-    assert [r["gpus"] for r in table13["rows"]] == [1, 1, 1]
+    assert [r["gpus"] for r in table13["rows"]] == [1, 1, 1, 1]
     chosen = [r["name"] for r in table13["environment"]["backends"] if r["chosen"]]
     assert len(chosen) == 1 and next(r for r in table13["rows"] if r["config"] == "twa_4bit")["backend"] == chosen[0]
     assert (tmp_path / "table13.log").read_text().startswith("cpu: backend ")
