@@ -49,6 +49,70 @@ def test_average_files(files, tmp_path, method, extra, expected):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_average_weighted_is_the_exact_weighted_sum_never_renormalized(files, tmp_path):
+    _, ckpts, paths = files
+    out = tmp_path / "w.safetensors"
+    r = twa_cli("average", "weighted", "--weights", "0.1,0.2,0.3,0.2", *paths, "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "sum to 0.8" in r.stderr and "not an average" in r.stderr  # said, not silently rescaled
+    want = twa.weighted_mean(ckpts, [0.1, 0.2, 0.3, 0.2])
+    got = load_file(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    r = twa_cli("average", "weighted", "--weights", "1,2,3,2", "--normalize", *paths, "-o", tmp_path / "n.safetensors",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    want = twa.weighted_mean(ckpts, [1 / 8, 2 / 8, 3 / 8, 2 / 8])
+    assert all(torch.equal(load_file(tmp_path / "n.safetensors")[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("family", list(twa.DECAY_FAMILIES))
+def test_average_weighted_decay_is_the_decay_merge(files, tmp_path, family):
+    _, ckpts, paths = files
+    out = tmp_path / "d.safetensors"
+    r = twa_cli("average", "weighted", "--decay", family, "--reverse", *paths, "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    want = twa.weighted_mean(ckpts, twa.decay_merge_weights(4, family, reverse=True))
+    assert all(torch.equal(load_file(out)[k], want[k]) for k in want)
+    if family == "linear":  # WSM's identity: a linear decay is the uniform merge
+        assert all(torch.allclose(want[k], twa.swa(ckpts)[k], rtol=1e-6, atol=0) for k in want)
+
+
+def test_average_window_by_last_k_and_by_step_range(files, tmp_path):
+    _, ckpts, paths = files
+    named = []
+    for step, path in zip((900, 1000, 1100, 1200), paths):  # lexical order would put 1000 first
+        named.append(tmp_path / f"checkpoint-{step}.safetensors")
+        os.rename(path, named[-1])
+    shuffled = [named[2], named[0], named[3], named[1]]
+    r = twa_cli("average", "weighted", "--decay", "linear", "--last", "3", *shuffled, "-o", tmp_path / "a.safetensors",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint-1000.safetensors × 0.333333, checkpoint-1100" in r.stdout
+    want = twa.weighted_mean(ckpts[1:], twa.decay_merge_weights(3, "linear"))
+    assert all(torch.equal(load_file(tmp_path / "a.safetensors")[k], want[k]) for k in want)
+    r = twa_cli("average", "uniform", "--steps", "950:1150", *shuffled, "-o", tmp_path / "b.safetensors", "--quiet")
+    assert r.returncode == 0, r.stderr
+    want = twa.swa(ckpts[1:3])
+    assert all(torch.equal(load_file(tmp_path / "b.safetensors")[k], want[k]) for k in want)
+    r = twa_cli("average", "uniform", "--steps", "5000:", *shuffled, "-o", tmp_path / "c.safetensors")
+    assert r.returncode == 1 and "no checkpoint has a step in 5000:" in r.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--weights", "0.5,0.5"), "2 weight(s) for 4 checkpoint(s)"),
+    (("--weights", "0.5,nan,0.25,0.25"), "weight 2 is nan"),
+    (("--weights", "1,-1,0.5,-0.5"), "the weights sum to 0"),
+    (("--weights", "a,b,c,d"), "comma-separated numbers"),
+    ((), "exactly one of --weights"),
+    (("--weights", "1,0,0,0", "--decay", "cosine"), "exactly one of --weights"),
+])
+def test_average_weighted_bad_weights_name_the_problem(files, tmp_path, extra, message):
+    _, _, paths = files
+    out = tmp_path / "bad.safetensors"
+    r = twa_cli("average", "weighted", *extra, *paths, "-o", out)
+    assert r.returncode == 1 and message in r.stderr and not out.exists(), r.stderr
+
+
 def test_average_hugging_face_folders_gives_a_folder_from_pretrained_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)

@@ -2,6 +2,7 @@
 
     twa backends [--device cpu|cuda] [--json]      which kernel backends run here, why others do not, and the fix
     twa average {uniform,ema,lawa} CKPT... -o OUT  average checkpoints, streamed (a Hugging Face folder in, one out)
+    twa average weighted --weights 0.1,0.9 A B -o OUT   the exact weighted sum (or --decay FAMILY: a decay's merge)
     twa build CKPT... --bits 4 -o space.safetensors   build a subspace; names and shapes from the first checkpoint
     twa info FILE                                  what a subspace or a checkpoint holds
     twa alphas SPACE STATE                         α per layer by parameter name, as JSON
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,8 +29,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backends import backend_report, format_backend_report
-from .baselines import average_tensor, ema_weights, open_matching
+from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
 from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint
+from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
 from .optim import twa_state
 from .subspace import Subspace
 
@@ -50,14 +54,72 @@ def _backends(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- average
 def _weights(args, count: int) -> list[float]:
+    if args.method != "weighted" and (args.weights is not None or args.decay is not None):
+        raise UsageError(f"--weights and --decay belong to 'twa average weighted', not {args.method!r}")
     if args.method == "uniform":
         return [1.0 / count] * count
     if args.method == "ema":
         return ema_weights(count, args.gamma)
-    if args.k < 1:
-        raise UsageError(f"--k must be at least 1, got {args.k}")
-    k = min(args.k, count)
-    return [0.0] * (count - k) + [1.0 / k] * k
+    if args.method == "lawa":
+        if args.k < 1:
+            raise UsageError(f"--k must be at least 1, got {args.k}")
+        return lawa_weights(count, min(args.k, count))
+    if (args.weights is None) == (args.decay is None):
+        raise UsageError("'twa average weighted' takes exactly one of --weights W1,W2,... and --decay FAMILY")
+    if args.decay is not None:
+        return decay_merge_weights(count, args.decay, reverse=args.reverse)
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    weights = check_merge_weights(weights, count)
+    total = math.fsum(weights)
+    if args.normalize:
+        return [w / total for w in weights]
+    if abs(total - 1.0) > 1e-12:
+        print(f"twa average: note: the weights sum to {total:g}; the output is their exact weighted sum, not an "
+              f"average (--normalize divides by the sum)", file=sys.stderr)
+    return weights
+
+
+def _step_of(path: str) -> int | None:
+    """The training step in a checkpoint's name: its last number (checkpoint-1200, step_000300.pt)."""
+    name = os.path.basename(os.path.normpath(path))
+    numbers = re.findall(r"\d+", re.sub(r"(\.[A-Za-z][A-Za-z0-9]*)+$", "", name))
+    return int(numbers[-1]) if numbers else None
+
+
+def _window(args, inputs: list[str]) -> list[str]:
+    """The checkpoints --steps START:END and --last K select, in step order; all of them, in the
+    given order, without either."""
+    if args.last is None and args.steps is None:
+        return inputs
+    steps = [_step_of(p) for p in inputs]
+    if None in steps:
+        if args.steps is not None:
+            raise UsageError(f"--steps reads the step from each checkpoint's name; {inputs[steps.index(None)]!r} "
+                             f"has no number in it")
+        chosen = inputs
+    else:
+        if len(set(steps)) != len(steps):
+            step = next(s for s in steps if steps.count(s) > 1)
+            raise UsageError(f"two checkpoints are named for step {step}: give each step once")
+        order = sorted(zip(steps, inputs))
+        if args.steps is not None:
+            m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", args.steps)
+            if m is None:
+                raise UsageError(f"--steps takes START:END (either may be left out), got {args.steps!r}")
+            lo = int(m.group(1)) if m.group(1) else -1
+            hi = int(m.group(2)) if m.group(2) else math.inf
+            order = [(s, p) for s, p in order if lo <= s <= hi]
+            if not order:
+                raise UsageError(f"no checkpoint has a step in {args.steps} (steps: {', '.join(map(str, sorted(steps)))})")
+        chosen = [p for _, p in order]
+    if args.last is not None:
+        if args.last < 1:
+            raise UsageError(f"--last must be at least 1, got {args.last}")
+        chosen = chosen[-args.last:]
+    return chosen
 
 
 def _hf_folder(path: str) -> str | None:
@@ -84,7 +146,7 @@ def _output_groups(inputs, source) -> tuple[list[tuple[str, list[str]]], str | N
 
 
 def _average(args) -> int:
-    inputs = list(args.checkpoints)
+    inputs = _window(args, list(args.checkpoints))
     if len(inputs) < 2:
         raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
     weights = _weights(args, len(inputs))
@@ -130,7 +192,8 @@ def _average(args) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"wrote {out} ({args.method} average of {len(inputs)} checkpoints, {len(keys)} tensors)")
+    used = ", ".join(f"{os.path.basename(os.path.normpath(p))} × {w:.6g}" for p, w in zip(inputs, weights))
+    print(f"wrote {out} ({args.method} average of {len(inputs)} checkpoints, {len(keys)} tensors: {used})")
     return 0
 
 
@@ -267,16 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load pickled checkpoints that need code execution (only for files you trust)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("average", help="average checkpoints (uniform, EMA, LAWA), streamed",
-                       description="Average checkpoints tensor by tensor (any format the reader takes). Files in: "
-                                   "a .safetensors file out. Hugging Face checkpoint folders in: a folder out, "
-                                   "sharded like the last input, with its config copied, so from_pretrained "
-                                   "loads it. Integer tensors come from the last checkpoint.")
-    p.add_argument("method", choices=["uniform", "ema", "lawa"])
+    p = sub.add_parser("average", help="average checkpoints (uniform, EMA, LAWA, weighted), streamed",
+                       description="Average checkpoints tensor by tensor in float64 (any format the reader takes). "
+                                   "Files in: a .safetensors file out. Hugging Face checkpoint folders in: a folder "
+                                   "out, sharded like the last input, with its config copied, so from_pretrained "
+                                   "loads it. Integer tensors come from the last checkpoint. 'weighted' writes the "
+                                   "exact weighted sum of explicit --weights (never renormalized unless --normalize), "
+                                   "or the merge that stands for a learning-rate decay of the checkpoints of a "
+                                   "constant-lr run (--decay; WSM's identity: linear decay is the uniform merge).")
+    p.add_argument("method", choices=["uniform", "ema", "lawa", "weighted"])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders, oldest first")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file, or a new folder")
     p.add_argument("--gamma", type=float, default=0.9, help="EMA decay (m ← γ m + (1 − γ) w), default 0.9")
     p.add_argument("--k", type=int, default=5, help="LAWA: average the last k checkpoints, default 5")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="weighted: one weight per checkpoint (of the window), in order")
+    p.add_argument("--decay", default=None, choices=list(DECAY_FAMILIES),
+                   help="weighted: the merge weights of this decay over the window")
+    p.add_argument("--reverse", action="store_true", help="weighted --decay: the weights in reverse order")
+    p.add_argument("--normalize", action="store_true", help="weighted --weights: divide the weights by their sum")
+    p.add_argument("--last", type=int, default=None, metavar="K",
+                   help="only the last K checkpoints (by the step in their names when every name has one)")
+    p.add_argument("--steps", default=None, metavar="START:END",
+                   help="only the checkpoints whose name's step lies in [START, END], in step order")
     reading(p)
     p.set_defaults(run=_average)
 
