@@ -186,3 +186,21 @@ def test_quality_text_quick(tmp_path):
     uniform = __import__("math").log2(len(data["data"]["vocabulary"]))
     assert all(0 < r["test"] < uniform for r in head.values())
     assert (tmp_path / "quality_text_quick_cpu_curve.png").stat().st_size > 0
+
+
+def test_wsd_quick(tmp_path):
+    out = run("-m", "benchmarks.wsd", "--quick", "--out-dir", str(tmp_path))
+    assert "cooldown 1−sqrt 10%" in out and "best fixed merge" in out
+    data = json.loads((tmp_path / "wsd_quick_cpu.json").read_text())
+    uniform = math.log2(len(data["data"]["vocabulary"]))
+    for t, per_seed in data["points"].items():
+        res = per_seed[0]
+        assert all(0 < r["test"] < uniform and 0 < r["val"] < uniform for r in res.values()), t
+        # the extra passes are what each method spent beyond the run up to t
+        t = int(t)
+        assert res["raw checkpoint"]["passes"] == 0 and res["cooldown 1−sqrt 10%"]["passes"] == round(0.1 * t)
+        assert res["TWA-v, last 5"]["passes"] == round(0.025 * t)
+        assert {f"WSM {f}, last {k}" + (" (= LAWA)" if f == "linear" else "") for f in ("linear", "cosine", "inverse-sqrt", "1-sqrt")
+                for k in (5, 10, 20)} <= set(res)
+    assert "TWA-v from the centre, step decay" in data["step_protocol"][0]
+    assert (tmp_path / "wsd_quick_cpu.png").stat().st_size > 0
