@@ -20,6 +20,7 @@ SECTIONS = [  # (file prefix, title, command)
     ("distributed", "Distributed modes: communication and memory at ResNet-50 size", "python -m benchmarks.distributed"),
     ("quality_text", "Quality on text: head-stage TWA on a character-level language model",
      "python -m benchmarks.quality_text"),
+    ("wsd", "Warmup-stable-decay: merging and TWA in place of the cooldown", "python -m benchmarks.wsd"),
     ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
     ("streaming", "Streaming construction", "python -m benchmarks.streaming"),
 ]
