@@ -31,8 +31,8 @@ def targets(per_seed, baselines, pairs, unit: str) -> list[str]:
         for method, metric in pairs:
             best = min(baselines, key=lambda k: s[k][metric])
             got = s[method][metric]
-            lines.append(f"seed {seed}: {method} {metric} {unit} {got:.3f} vs best in-span baseline ({best}) "
-                         f"{s[best][metric]:.3f}: {'met' if got <= s[best][metric] else 'NOT met'}")
+            lines.append(f"seed {seed}: {method} {metric} {unit} {got:.4g} vs best in-span baseline ({best}) "
+                         f"{s[best][metric]:.4g}: {'met' if got <= s[best][metric] else 'NOT met'}")
     return lines
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import twa_kernels as twa
 from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
+from benchmarks.in_span import baseline_names, in_span_baselines, plot_twa_curves, targets
 from benchmarks.quality import mean_std
 
 FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, half_epochs=2, per_epoch=6, budget=0.25,
@@ -47,7 +48,7 @@ QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, half_epochs=1, p
 BASE_LR, WEIGHT_DECAY, WARMUP = 3e-3, 0.01, 0.05  # AdamW; warm-up as a fraction of the run
 # TWA runs ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, lr 0.03,
 # constant): the one configuration fixed before the run, for every regime and seed.
-EMA_GAMMA, LAWA_K, LAWA_KS = 0.7, 4, (2, 4, 8)
+EMA_GAMMA, LAWA_K = 0.7, 4
 CURVE_EVERY = 5  # TWA-t's train bpc is read every this many steps, for the plot
 SOUP_LRS = (1e-3, 3e-3)
 
@@ -221,23 +222,13 @@ class Run:
         return self.model(state)
 
 
-def in_span_baselines(run: Run, ckpts) -> dict:
-    """Every fixed merge of the checkpoints a user could take instead of TWA (each lies in its subspace)."""
-    out = {"last checkpoint": run.scores(run.averaged(ckpts[-1]))}
-    for k in LAWA_KS:
-        out[f"LAWA (k={k})"] = run.scores(run.averaged(twa.lawa(ckpts, k)))
-    out[f"EMA (γ={EMA_GAMMA})"] = run.scores(run.averaged(twa.ema(ckpts, EMA_GAMMA)))
-    out["SWA"] = run.scores(run.averaged(twa.swa(ckpts)))
-    return out
-
-
 def head_stage(run: Run):
     cfg = run.cfg
     E, every = cfg["half_epochs"], run.epoch_steps // cfg["per_epoch"]
     base, ckpts, curve = run.train(2 * E, every=every, evaluate=True)
     half, _, _ = run.train(E)
     out = {f"base run, {2 * E} epochs": run.scores(base), f"half-budget run, {E} epochs": run.scores(half),
-           **in_span_baselines(run, ckpts)}
+           **in_span_baselines(ckpts, lambda state: run.scores(run.averaged(state)), EMA_GAMMA)}
     twa_curve = []
     model, opt = run.twa(ckpts, "train", curve=twa_curve)
     out["TWA-t, 4 bits"] = run.scores(model)
@@ -252,7 +243,7 @@ def stable_phase(run: Run):
     """Checkpoints of a constant-lr phase (the other end from the head stage: closely spaced, small
     spread): the last 0.5 epoch of a 2-epoch warm-up + constant run, n = 10."""
     ckpts = run.train_constant(run.cfg["stable_epochs"], 0.5, run.cfg["stable_n"])
-    out = in_span_baselines(run, ckpts)
+    out = in_span_baselines(ckpts, lambda state: run.scores(run.averaged(state)), EMA_GAMMA)
     twa_curve = []
     out["TWA-t, 4 bits"] = run.scores(run.twa(ckpts, "train", curve=twa_curve)[0])
     out["TWA-v, 4 bits"] = run.scores(run.twa(ckpts, "val")[0])
@@ -291,42 +282,8 @@ def table(per_seed):
     return markdown_table(["method", "train bpc", "test bpc", "validation bpc", "test − train bpc"], rows)
 
 
-BASELINE_KEYS = ("last checkpoint", *(f"LAWA (k={k})" for k in LAWA_KS), f"EMA (γ={EMA_GAMMA})", "SWA")
-
-
-def targets(per_seed) -> list[str]:
-    """Per seed: TWA-t's train bpc against the best in-span baseline's, TWA-v's validation bpc likewise."""
-    lines = []
-    for seed, s in enumerate(per_seed):
-        for method, metric in (("TWA-t, 4 bits", "train"), ("TWA-v, 4 bits", "val")):
-            best = min(BASELINE_KEYS, key=lambda k: s[k][metric])
-            got = s[method][metric]
-            lines.append(f"seed {seed}: {method} {metric} bpc {got:.3f} vs best in-span baseline ({best}) "
-                         f"{s[best][metric]:.3f}: {'met' if got <= s[best][metric] else 'NOT met'}")
-    return lines
-
-
-def plot_twa_curves(regimes, path):
-    """Train bpc against TWA-t step (mean over seeds), the in-span baselines as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4), squeeze=False)
-    for ax, (title, per_seed, curves) in zip(axes[0], regimes):
-        xs = [x for x, _ in curves[0]]
-        ax.plot(xs, [statistics.mean(c[i][1] for c in curves) for i in range(len(xs))], "o-", color="black",
-                label="TWA-t (defaults), 4 bits")
-        for k, color in zip(BASELINE_KEYS, plt.cm.tab10.colors):
-            ax.axhline(statistics.mean(s[k]["train"] for s in per_seed), color=color, linestyle="--", label=k)
-        ax.set_xlabel("TWA step")
-        ax.set_ylabel("train bits per character")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+BASELINES = baseline_names(EMA_GAMMA)
+TARGET_PAIRS = (("TWA-t, 4 bits", "train"), ("TWA-v, 4 bits", "val"))
 
 
 def plot(curves, head, cfg, path):
@@ -400,6 +357,8 @@ def main(argv=None):
         soups.append(soup(run, ckpts[-1]))
     env = environment(device)
     E = cfg["half_epochs"]
+    goals = {regime: targets(per_seed, BASELINES, TARGET_PAIRS, "bpc")
+             for regime, per_seed in (("head_stage", head), ("stable_phase", stable))}
     md = (f"Character-level language modelling of pydoc_data.topics ({data_record['characters']:,} characters, "
           f"{vocab} symbols; {cfg['seeds']} seed(s); {'quick smoke test, not a measurement; ' if args.quick else ''}"
           f"{env['device']}; torch {env['torch']}; commit {str(env['commit'])[:10]}; {env['date']})\n\n"
@@ -412,8 +371,8 @@ def main(argv=None):
           + f"\n(a') stable phase: n = {cfg['stable_n']} checkpoints over the last 0.5 epoch of a "
           f"{cfg['stable_epochs']}-epoch warm-up + constant-lr run, the same TWA\n\n" + table(stable)
           + "\nTargets (TWA-t train ≤ every in-span baseline's, TWA-v validation ≤ theirs), head stage:\n\n"
-          + "\n".join(f"- {line}" for line in targets(head)) + "\n\nstable phase:\n\n"
-          + "\n".join(f"- {line}" for line in targets(stable)) + "\n"
+          + "\n".join(f"- {line}" for line in goals["head_stage"]) + "\n\nstable phase:\n\n"
+          + "\n".join(f"- {line}" for line in goals["stable_phase"]) + "\n"
           + "\n(b) bits ablation of TWA-t\n\n" + table(ablation)
           + f"\n(c) soup of {cfg['soup_runs']} fine-tuning runs of {cfg['soup_epochs']} epoch from the epoch-{E} point\n\n"
           + table(soups) + "\n" + verdict(head, cfg) + "\n")
@@ -422,13 +381,13 @@ def main(argv=None):
                 {"config": cfg, "data": data_record, "head_stage": head, "stable_phase": stable,
                  "bits_ablation": ablation, "soup": soups, "base_curves": curves,
                  "twa_t_train_curves": {"head_stage": head_twa, "stable_phase": stable_twa},
-                 "targets": {"head_stage": targets(head), "stable_phase": targets(stable)},
+                 "targets": goals,
                  "alphas_seed0": alphas0.tolist(), "verdict": verdict(head, cfg)},
                 md, out_dir=args.out_dir)
     plot(curves, head, cfg, path[:-5] + "_curve.png")
     plot_twa_curves([("head stage: checkpoints of a cosine run's first half", head, head_twa),
                      ("stable phase: checkpoints of a constant-lr run", stable, stable_twa)],
-                    path[:-5] + "_twa_steps.png")
+                    BASELINES, path[:-5] + "_twa_steps.png", "train bits per character")
     print(f"saved {path}, {path[:-5]}_curve.png, {path[:-5]}_twa_steps.png")
 
 

@@ -126,6 +126,7 @@ class Builder:
         spread = torch.zeros(L, dtype=torch.float64)
         center_norms = torch.zeros(L, dtype=torch.float64)
         transform = torch.zeros(L, n, n, dtype=torch.float64) if self.decouple_mode == "gram_schmidt" else None
+        coords = torch.zeros(L, n, n, dtype=torch.float64) if self.decouple_mode == "gram_schmidt" else None
         frozen = torch.zeros(L, dtype=torch.bool)
         if self.bits is None:
             words, dense_rows = None, torch.empty(lay.numel, lay.n, dtype=torch.float32)
@@ -144,6 +145,7 @@ class Builder:
                 center_norms[l] = stats["center_norm"]
                 if transform is not None:
                     transform[l] = t
+                    coords[l] = t.T @ stats["gram"]  # Pᵀ x_i: exact where T drops a dependent checkpoint
                 if frozen[l]:
                     # Never moved: all columns zero (scale = zero = 0), the layer stays at w̄.
                     bar.update((passes - 1) * lay.sizes[l] * n * 4)
@@ -173,7 +175,8 @@ class Builder:
         space = Subspace(names=self.names, shapes=self.shapes, layers_mode=self.layers_mode,
                          decouple_mode=self.decouple_mode, scale_mode=self.scale_mode, center=center,
                          projection=proj,
-                         col_norms=col_norms, spread=spread, transform=transform, frozen=frozen,
+                         col_norms=col_norms, spread=spread, transform=transform, checkpoint_coords=coords,
+                         frozen=frozen,
                          layer_sizes=self.sizes,
                          global_scale=scale, global_zero=zero, placement=self.placement,
                          process_group=self.group)

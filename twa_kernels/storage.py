@@ -39,6 +39,8 @@ def tensors(space) -> dict:
         out["dense_rows"] = p.dense_rows
     if space.transform is not None:
         out["transform"] = space.transform
+    if space.checkpoint_coords is not None:
+        out["checkpoint_coords"] = space.checkpoint_coords
     return out
 
 
@@ -50,6 +52,8 @@ def fingerprint(space) -> str:
         h.update(stored[key].contiguous().cpu().numpy().tobytes())
     if space.transform is not None:
         h.update(space.transform.contiguous().numpy().tobytes())
+    if space.checkpoint_coords is not None:
+        h.update(space.checkpoint_coords.contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -106,6 +110,7 @@ def load(cls, path, process_group=None):
     space = cls(names=meta["names"], shapes=meta["shapes"], layers_mode=meta["layers"],
                 decouple_mode=meta["decouple"], scale_mode=meta["scale"], center=stored["center"],
                 projection=proj, col_norms=stored["col_norms"], spread=stored["spread"], transform=stored.get("transform"),
+                checkpoint_coords=stored.get("checkpoint_coords"),
                 frozen=stored["frozen"].bool(), layer_sizes=meta["layer_sizes"], global_scale=gscale,
                 global_zero=gzero, placement=placement, process_group=group)
     if space.fingerprint != meta_raw.get("fingerprint"):

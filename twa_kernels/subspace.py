@@ -116,7 +116,7 @@ class Subspace:
     """The n-dimensional per-layer subspace spanned by checkpoints, with its quantized projection."""
 
     def __init__(self, *, names, shapes, layers_mode, decouple_mode, scale_mode, center, projection, col_norms,
-                 spread, transform, frozen, layer_sizes=None, global_scale=None, global_zero=None,
+                 spread, transform, frozen, checkpoint_coords=None, layer_sizes=None, global_scale=None, global_zero=None,
                  placement: Placement | None = None, process_group=None):
         self.names = list(names)
         self.shapes = [tuple(s) for s in shapes]
@@ -128,6 +128,8 @@ class Subspace:
         self.col_norms = col_norms  # fp64 [L, n]: ‖x_i − s‖ per layer
         self.spread = spread  # fp64 [L]: rms_i ‖x_i − w̄‖, the checkpoints' own scale (every decouple mode)
         self.transform = transform  # fp64 [L, n, n] for gram_schmidt, else None
+        # fp64 [L, n, n] for gram_schmidt: column i is checkpoint i in P's orthonormal basis (Pᵀ x_i)
+        self.checkpoint_coords = checkpoint_coords
         self.frozen = frozen  # bool [L]
         # A sharded subspace holds part of P̃ (rows: its rows, and w̄ for them; columns: its columns);
         # sizes, scales and zeros of the whole subspace are kept for the maths and the fingerprint.
@@ -341,7 +343,11 @@ class Subspace:
         if self.decouple_mode == "center":
             # Σ α_i (x_i − w̄) = Σ α_i r_i e_i  (the 1/n terms cancel because Σ α = 1)
             beta = alpha * self.col_norms
-        else:
+        elif self.checkpoint_coords is not None:
+            # P orthonormal: β = Pᵀ Σ (α_i − 1/n) x_i, exact even where a dependent checkpoint (a layer
+            # smaller than n) has no column of its own
+            beta = torch.einsum("lij,lj->li", self.checkpoint_coords, alpha - 1.0 / self.n)
+        else:  # a file from before checkpoint_coords were stored: exact where T is invertible
             rhs = alpha - 1.0 / self.n
             beta = torch.linalg.lstsq(self._transforms(), rhs.unsqueeze(-1)).solution.squeeze(-1)
         beta = beta.clone()
