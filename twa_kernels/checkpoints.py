@@ -39,6 +39,8 @@ import math
 import os
 import pickle
 import re
+import shutil
+import socket
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -55,6 +57,54 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file (or position) and key."""
+
+
+# What a write of this package leaves while it runs: ``OUT.tmp-HOST-PID`` (a subspace file) and
+# ``.twa-average-HOST-PID-*`` (the staging folder of ``twa average``). A killed run leaves them behind;
+# the next write into the folder removes those of processes of this host that no longer run.
+_TEMPORARY = re.compile(r"(?:.+\.tmp-|\.twa-average-)(?P<host>[\w.-]+?)-(?P<pid>\d+)(?:-[^/]*)?")
+
+
+def _host() -> str:
+    return re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
+
+
+def temporary_name(path: str) -> str:
+    return f"{path}.tmp-{_host()}-{os.getpid()}"
+
+
+def temporary_prefix() -> str:
+    return f".twa-average-{_host()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries of killed writes in ``folder`` (see ``_TEMPORARY``); returns what went."""
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TEMPORARY.fullmatch(name)
+        if m is None or m["host"] != _host() or int(m["pid"]) == os.getpid() or _running(int(m["pid"])):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass  # another process cleaned it first
+    return removed
 
 
 def label(checkpoint, index: int | None = None) -> str:
@@ -87,6 +137,48 @@ class Source:
         return self.rows(name, 0, None).reshape(self.shape(name))
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _checked_header(path: str, header, data_bytes: int) -> dict:
+    """The tensor entries of a safetensors header, each checked as the format specifies: an object
+    per tensor with a known dtype, a shape of non-negative ints and byte offsets that lie inside the
+    data, match the shape and do not overlap another tensor's."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, "
+                              "not an object)")
+    meta = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where} is described by a JSON {type(info).__name__}, not an object")
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        if dtype is None:
+            raise CheckpointError(f"{where} has unsupported dtype {info.get('dtype')}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r} (a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where} has invalid data_offsets {offsets!r} ([begin, end], 0 ≤ begin ≤ end)")
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != expected or offsets[1] > data_bytes:
+            raise CheckpointError(f"{where} has inconsistent offsets (truncated or corrupt file?)")
+        meta[name] = info
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in meta.items()
+                   if info["data_offsets"][1] > info["data_offsets"][0])
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file (corrupt file?)")
+    return meta
+
+
 class SafetensorsSource(Source):
     """Rows of a tensor in a .safetensors file read with one ``pread`` each.
 
@@ -105,21 +197,17 @@ class SafetensorsSource(Source):
             n = int.from_bytes(head, "little")
             if n > size - 8:
                 raise CheckpointError(f"{path} is not a safetensors file (header length {n} past the end)")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path} is not a safetensors file (a header of {n} bytes)")
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise CheckpointError(f"{path} is not a safetensors file (header: {err})") from None
+            except RecursionError:
+                raise CheckpointError(f"{path} is not a safetensors file (its header is nested too deep)") from None
         self._path = path
         self._base = 8 + n
-        self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
-        for name, info in self._meta.items():
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
-            begin, end = info["data_offsets"]
-            expected = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or self._base + end > size:
-                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets (truncated or corrupt file?)")
+        self._meta = _checked_header(path, header, size - self._base)
         self._fd = os.open(path, os.O_RDONLY)
 
     def __del__(self):
@@ -191,10 +279,22 @@ class ShardedSource(Source):
             with open(index_path) as f:
                 index = json.load(f)
             weight_map = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path}: not a sharded-checkpoint index ({err})") from None
-        folder = os.path.dirname(index_path)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            raise CheckpointError(f"{index_path}: not a sharded-checkpoint index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: not a sharded-checkpoint index (weight_map must map names to "
+                                  "file names)")
+        folder = os.path.dirname(os.path.abspath(index_path))
         self._shard_of = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        for shard in sorted(set(self._shard_of.values())):
+            real = os.path.realpath(shard)
+            if real == os.path.realpath(index_path) or real.endswith(".json"):
+                raise CheckpointError(f"{index_path}: the index names {os.path.relpath(shard, folder)!r} as a "
+                                      "shard, an index itself")
+            if not trusted and os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder):
+                raise CheckpointError(f"{index_path} names a shard outside its folder ({os.path.relpath(shard, folder)}); "
+                                      "if you trust the index, opt in explicitly: trusted=True (twa: --trusted)")
         missing = sorted({p for p in self._shard_of.values() if not os.path.isfile(p)})
         if missing:
             raise CheckpointError(f"{index_path} names shard(s) that do not exist: {', '.join(missing[:3])}")
@@ -223,22 +323,99 @@ class ShardedSource(Source):
         return self._shard(name).rows(name, start, stop)
 
 
+_DCP_PACKAGE = "torch.distributed.checkpoint"
+_DCP_FUNCTIONS = {("torch.serialization", "_get_layout")}  # a lookup in torch's own table of layouts
+_DCP_PATHS = {("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
+
+
+def _dcp_global(module: str, name: str):
+    """What torch.distributed.checkpoint's ``.metadata`` pickle may name, or None: its own dataclasses
+    and enums, ``torch.Size``, dtypes, layouts, memory formats and paths; never a function that acts."""
+    import dataclasses
+    import enum
+    import importlib
+    import pathlib
+
+    if (module, name) in _DCP_FUNCTIONS:
+        return torch.serialization._get_layout
+    if (module, name) in _DCP_PATHS:
+        return getattr(pathlib, name)
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        return obj if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)) else None
+    if module == "collections" and name == "OrderedDict":
+        import collections
+
+        return collections.OrderedDict
+    if module == _DCP_PACKAGE or module.startswith(_DCP_PACKAGE + "."):
+        try:
+            obj = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+        if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)
+                                      or (issubclass(obj, tuple) and hasattr(obj, "_fields"))):
+            return obj
+    return None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        obj = _dcp_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return obj
+
+
+def read_dcp_metadata(path: str, trusted: bool = False):
+    """The ``Metadata`` of a torch.distributed.checkpoint directory. Its ``.metadata`` is a pickle that
+    torch reads with plain ``pickle.load`` (which runs whatever the file names); here it is unpickled
+    allowing only the classes that metadata is made of, unless ``trusted``."""
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            return pickle.load(f) if trusted else _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        if re.fullmatch(r"[\w.]+\.[\w]+", str(err)):
+            raise CheckpointError(
+                f"{file} cannot be read without running code from it: it names {err}, which is not part of "
+                "torch.distributed.checkpoint's metadata. If you trust the folder, opt in explicitly: "
+                "trusted=True (twa: --trusted)") from None
+        raise CheckpointError(f"{file}: unreadable torch.distributed.checkpoint metadata ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: unreadable torch.distributed.checkpoint metadata (nested too deep)") from None
+    except Exception as err:  # a damaged pickle raises almost anything
+        raise CheckpointError(f"{file}: unreadable torch.distributed.checkpoint metadata "
+                              f"({type(err).__name__}: {err})") from None
+
+
 class DistributedCheckpointSource(Source):
     """A ``torch.distributed.checkpoint`` directory, read one whole tensor at a time (the format keeps
-    tensors as chunks of the ranks that saved them); the last tensor read is kept for its next rows."""
+    tensors as chunks of the ranks that saved them); the last tensor read is kept for its next rows.
+    Its metadata is read by :func:`read_dcp_metadata`, the tensors by DCP (``torch.load(weights_only=True)``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, trusted: bool = False):
         from torch.distributed import checkpoint as dcp  # imported only for such a directory
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
         self.label = self._path = path
         self._dcp = dcp
-        try:
-            metadata = dcp.FileSystemReader(path).read_metadata()
-        except Exception as err:  # the reader's own errors vary by torch version
-            raise CheckpointError(f"{path}: unreadable torch.distributed.checkpoint metadata ({err})") from None
+        metadata = read_dcp_metadata(path, trusted)
+        if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+            raise CheckpointError(f"{path}/.metadata: not torch.distributed.checkpoint metadata "
+                                  f"(it holds a {type(metadata).__name__})")
         self._meta = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._cached: tuple[str, torch.Tensor] | None = None
+
+        class Reader(dcp.FileSystemReader):
+            """DCP's reader, given the metadata read above instead of unpickling the file again."""
+
+            def read_metadata(self, *args, **kwargs):
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                return metadata
+
+        self._reader = Reader
 
     def keys(self):
         return self._meta.keys()
@@ -252,9 +429,14 @@ class DistributedCheckpointSource(Source):
     def tensor(self, name):
         if self._cached is None or self._cached[0] != name:
             out = {name: torch.empty(self.shape(name), dtype=self.dtype(name))}
-            with warnings.catch_warnings():  # reading in one process is the intent here, not a mistake
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(self._path))
+            try:
+                with warnings.catch_warnings():  # reading in one process is the intent here, not a mistake
+                    warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                    self._dcp.load(out, storage_reader=self._reader(self._path))
+            except (Exception, self._dcp.api.CheckpointException) as err:
+                # CheckpointException is a BaseException: it would pass every `except Exception`
+                raise CheckpointError(f"{self._path}: cannot read tensor {name!r}: a data file of the folder is "
+                                      f"missing, truncated or corrupt ({type(err).__name__})") from None
             self._cached = (name, out[name])
         return self._cached[1]
 
@@ -305,8 +487,11 @@ def _torch_load(path: str, trusted: bool):
             f"{path} cannot be loaded without running code from it (it holds a {needs.group(1)}). If you trust "
             "the file, opt in explicitly: trusted=True (twa: --trusted), which loads it with "
             "torch.load(weights_only=False)") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch.load of a damaged file raises almost anything (IndexError for an empty one)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
 
 
 def _last_line(err) -> str:
@@ -318,7 +503,7 @@ def open_file(path: str, trusted: bool = False) -> Source:
     """The source of one file or directory, before unwrapping and renaming."""
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ".metadata")):
-            return DistributedCheckpointSource(path)
+            return DistributedCheckpointSource(path, trusted)
         for name in HF_WEIGHT_FILES:
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):

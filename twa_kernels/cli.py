@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .backends import backend_report, format_backend_report
 from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
-from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint
+from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint, remove_stale_temporaries, temporary_prefix
 from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
 from .optim import twa_state
 from .subspace import Subspace
@@ -163,7 +163,9 @@ def _average(args) -> int:
         if not out.endswith(".safetensors"):
             raise UsageError(f"the output of averaging checkpoint files is a .safetensors file, not {out}")
         groups, index_name = [(os.path.basename(out), keys)], None
-    staging = tempfile.mkdtemp(prefix=".twa-average-", dir=os.path.dirname(os.path.abspath(out)) or ".")
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    remove_stale_temporaries(folder)
+    staging = tempfile.mkdtemp(prefix=temporary_prefix(), dir=folder)
     try:
         bar = tqdm(total=len(keys), desc=f"averaging {len(inputs)} checkpoints", unit="tensor",
                    disable=None if not args.quiet else True)
@@ -233,8 +235,11 @@ def _build(args) -> int:
 def _subspace_metadata(path: str) -> dict | None:
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return None
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not readable as safetensors: the checkpoint reader says why, naming the file
+        return None
     return meta if "twa_subspace" in meta else None
 
 

@@ -14,10 +14,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoints import CheckpointError, remove_stale_temporaries, temporary_name
 from .packing import LayerLayout, PackedProjection
 from .placement import from_dict, group_or_world
 
-FORMAT_VERSION = 2  # 2: the checkpoints' spread per layer (scale-aware coordinates)
+FORMAT_VERSION = 3  # 2: the checkpoints' spread per layer; 3: the checksum covers the JSON record too
 
 
 def record(space) -> dict:
@@ -57,10 +58,10 @@ def fingerprint(space) -> str:
     return h.hexdigest()[:32]
 
 
-def checksum(stored: dict) -> str:
-    """sha256 of every stored tensor's bytes (name, dtype, shape and data, in name order): a flipped bit
-    anywhere in a saved subspace changes it."""
-    h = hashlib.sha256()
+def checksum(stored: dict, meta: str) -> str:
+    """sha256 of the JSON record ``meta`` and every stored tensor's bytes (name, dtype, shape and data, in
+    name order): a flipped bit anywhere in a saved subspace, w̄, P̃, scales or sizes, changes it."""
+    h = hashlib.sha256(meta.encode())
     for name in sorted(stored):
         t = stored[name].contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -74,29 +75,53 @@ def save(space, path) -> str:
     path = space.placement.file_path(path)
     meta = dict(record(space), shard=space.placement.to_dict(), local_sizes=list(space.projection.layout.sizes),
                 local_n=space.projection.layout.n)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
+    tmp = temporary_name(path)
     stored = {k: v.contiguous() for k, v in tensors(space).items()}
-    save_file(stored, tmp, metadata={"twa_subspace": json.dumps(meta), "fingerprint": space.fingerprint,
-                                     "checksum": checksum(stored)})
+    text = json.dumps(meta)
+    save_file(stored, tmp, metadata={"twa_subspace": text, "fingerprint": space.fingerprint,
+                                     "checksum": checksum(stored, text)})
     os.replace(tmp, path)
     return path
 
 
 def load(cls, path, process_group=None):
-    """A subspace of class ``cls`` from ``path``; a sharded one only on the rank and world size that saved it."""
+    """A subspace of class ``cls`` from ``path``; a sharded one only on the rank and world size that saved it.
+    A file that is not an intact subspace of this format raises :class:`CheckpointError` naming it."""
     rank = dist.get_rank(process_group) if "{rank}" in os.fspath(path) and dist.is_initialized() else 0
     path = os.fspath(path).replace("{rank}", str(rank))
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta_raw = f.metadata() or {}
-        if "twa_subspace" not in meta_raw:
-            raise ValueError(f"{path} is not a twa_kernels subspace file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a subspace file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no subspace file at {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta_raw = f.metadata() or {}
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors' own error type, OSError, allocation of a huge shape
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if "twa_subspace" not in meta_raw:
+        raise CheckpointError(f"{path} is not a twa_kernels subspace file")
+    try:
         meta = json.loads(meta_raw["twa_subspace"])
-        stored = {k: f.get_tensor(k) for k in f.keys()}
-    if "checksum" in meta_raw and checksum(stored) != meta_raw["checksum"]:
-        raise ValueError(f"{path}: the stored tensors do not match their checksum (corrupt file?)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: subspace format {meta.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; rebuild it with this version of twa_kernels")
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: its subspace record is not valid JSON ({err})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: subspace format {version} is not {FORMAT_VERSION}; rebuild it with this "
+                              "version of twa_kernels")
+    if "checksum" not in meta_raw:
+        raise CheckpointError(f"{path}: the subspace file has no checksum (altered or corrupt file?)")
+    if checksum(stored, meta_raw["twa_subspace"]) != meta_raw["checksum"]:
+        raise CheckpointError(f"{path}: the stored record and tensors do not match their checksum (corrupt file?)")
+    try:
+        return _build(cls, path, meta, meta_raw, stored, process_group)
+    except (KeyError, TypeError, IndexError, RuntimeError) as err:  # our own ValueErrors name the file already
+        raise CheckpointError(f"{path}: an inconsistent subspace file ({type(err).__name__}: {err})") from None
+
+
+def _build(cls, path, meta, meta_raw, stored, process_group):
     placement = from_dict(meta.get("shard"))
     group = None
     if placement.mode is not None:
@@ -114,5 +139,5 @@ def load(cls, path, process_group=None):
                 frozen=stored["frozen"].bool(), layer_sizes=meta["layer_sizes"], global_scale=gscale,
                 global_zero=gzero, placement=placement, process_group=group)
     if space.fingerprint != meta_raw.get("fingerprint"):
-        raise ValueError(f"{path}: contents do not match the stored fingerprint (corrupt file?)")
+        raise CheckpointError(f"{path}: contents do not match the stored fingerprint (corrupt file?)")
     return space

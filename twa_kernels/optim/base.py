@@ -214,6 +214,26 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 opt._replaced = True
 
         self._hook = model.register_load_state_dict_post_hook(mark)
+        # Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` at the next step
+        # (one dict lookup per parameter; replacing a whole submodule is not seen this way)
+        self._owners = []
+        for nm in space.names:
+            prefix, _, attr = nm.rpartition(".")
+            try:
+                self._owners.append((weakref.ref(model.get_submodule(prefix)), attr))  # the model stays the user's
+            except AttributeError:
+                self._owners = None
+                break
+
+    def _parameter_objects_replaced(self) -> bool:
+        owners = getattr(self, "_owners", None)
+        if not owners:
+            return False
+        for (module, attr), p in zip(owners, self._binding.params):
+            m = module()
+            if m is not None and m._parameters.get(attr) is not p:
+                return True
+        return False
 
     def _rebind(self) -> None:
         """Take the bound model's current parameters for every layer (they were replaced)."""
@@ -236,7 +256,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _follow(self) -> None:
         """After a storage changed: where the parameters went, P̃, β and the state go (O(L) when nothing
         moved)."""
-        if getattr(self, "_replaced", False):
+        if getattr(self, "_replaced", False) or self._parameter_objects_replaced():
             self._rebind()
         old_device, old_dtype = self._binding.device, self._binding.dtype
         if not self._binding.moved():
