@@ -117,6 +117,15 @@ def worker(rank, world, init_file, out_dir, scenario):
             ckpts = make_checkpoints(model, 5, seed=1 + (rank == world - 1))
             result["error"] = error_of(twa.Subspace.from_checkpoints, model, ckpts, bits=4, shard="rows",
                                        progress=False)
+        elif scenario == "middle_row_differs":
+            # the ranks of "rows" read different rows: a row in the middle, read by rank 0 only, differs
+            model, _, _ = setup()
+            ckpts = make_checkpoints(model, 5, seed=1)
+            if rank == world - 1:
+                for sd in ckpts:
+                    sd["fc1.weight"][3, 2] += 1e-3
+            result["error"] = error_of(twa.Subspace.from_checkpoints, model, ckpts, bits=4, shard="rows",
+                                       progress=False)
         elif scenario == "save_load":
             model, ckpts, data = setup()
             space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, shard="rows", progress=False)

@@ -68,6 +68,11 @@ def test_ranks_with_different_checkpoints_all_raise(tmp_path):
     assert "ranks disagree on the checkpoints" in errors[0]
 
 
+def test_rows_mode_catches_checkpoints_that_differ_in_a_middle_row(tmp_path):
+    errors = [r["error"] for r in launch(2, "middle_row_differs", tmp_path)]
+    assert errors[0] is not None and errors[0] == errors[1] and "ranks disagree on the checkpoints" in errors[0]
+
+
 def test_shards_save_load_per_rank_and_world_size_is_checked(tmp_path):
     results = launch(2, "save_load", tmp_path)
     for r in results:

@@ -667,12 +667,20 @@ class CheckpointSet:
             out[i].copy_(chunk)  # converts to float64 in place: no per-checkpoint temporaries
         return out
 
-    def fingerprint(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> str:
-        """A cheap content hash of the set: the first and last row of every tensor of every checkpoint.
-        Ranks given different checkpoints differ here before any work is done."""
+    def fingerprint(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], full: bool = False,
+                    chunk_elems: int = 1 << 18) -> str:
+        """A content hash of the set, so that ranks given different checkpoints differ here before any
+        work is done: the first and last row of every tensor of every checkpoint (where the subspace's
+        own statistics, read from every row, catch the rest), or with ``full`` every row, read in chunks
+        (for a placement whose ranks each read only their own rows)."""
         h = hashlib.sha256()
         for nm, shape in zip(names, shapes):
             rows = shape[0] if shape else 1
-            for r0 in sorted({0, rows - 1}):
-                h.update(self.rows(nm, r0, r0 + 1).numpy().tobytes())
+            if full:
+                step = max(1, chunk_elems // max(1, math.prod(shape[1:]) if len(shape) > 1 else 1))
+                starts = range(0, rows, step)
+            else:
+                step, starts = 1, sorted({0, rows - 1})
+            for r0 in starts:
+                h.update(self.rows(nm, r0, min(r0 + step, rows)).numpy().tobytes())
         return h.hexdigest()
