@@ -28,13 +28,18 @@ def candidates(proj, device, dry_run=False):
     """The variants timed; a dry run (interpreter) takes one small one, since it only checks the script."""
     from twa_kernels.backends.triton_kernels import TritonEngine
 
-    out = []
+    from twa_kernels.backends.measured import DEFAULT_SUFFIX
+
+    # each GPU backend as backend="auto" would build it: the rows the committed record is made of
+    runs = available_backends(device)
+    out = [(f"{name}{DEFAULT_SUFFIX}", lambda name=name: make_engine(proj, device, name), name)
+           for name in ("triton", "triton_plane", "cuda", "cuda_plane") if name in runs]
     shapes = [(256, 4, 2)] if dry_run else [(4096, 4, 16), (4096, 4, 32), (4096, 4, 64), (8192, 4, 32),
                                             (8192, 8, 32), (2048, 4, 64), (16384, 8, 16)]
     for tile, warps, tiles in shapes:
         def make(tile=tile, warps=warps, tiles=tiles):
             return TritonEngine(proj, device, tile_codes=tile, num_warps=warps, tiles_per_program=tiles)
-        out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make))
+        out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make, None))
     from twa_kernels.backends.triton_plane import TritonPlaneEngine
 
     # v2 kernels on the plane layout (not yet GPU-measured): warps per tile, tiles per program, column block
@@ -42,15 +47,14 @@ def candidates(proj, device, dry_run=False):
     for warps, tiles, jb in plane:
         def make(warps=warps, tiles=tiles, jb=jb):
             return TritonPlaneEngine(proj, device, num_warps=warps, tiles_per_program=tiles, column_block=jb)
-        out.append((f"triton_plane warps={warps} tiles/program={tiles} column block={jb}", make))
-    if "cuda" in available_backends(device):
-        out.append(("cuda", lambda: make_engine(proj, device, "cuda")))
+        out.append((f"triton_plane warps={warps} tiles/program={tiles} column block={jb}", make, None))
+    if "cuda" in runs:
         # the v2 CUDA kernels on the plane layout (not yet GPU-measured): tiles per program
         from twa_kernels.backends.cuda_plane import CudaPlaneEngine
 
         for tiles in (2, 4, 1):
             out.append((f"cuda_plane tiles/program={tiles}",
-                        lambda tiles=tiles: CudaPlaneEngine(proj, device, tiles_per_program=tiles)))
+                        lambda tiles=tiles: CudaPlaneEngine(proj, device, tiles_per_program=tiles), None))
     return out
 
 
@@ -95,10 +99,11 @@ def main(argv=None):
     # The dense P is another matrix (same cost, not the same values): no error to report for it.
     dry_run = device.type != "cuda"
     warmup, iters = (0, 1) if dry_run else (3, args.iters)
-    same_p = [(name, make, True) for name, make in [("torch reference", lambda: ref)] + candidates(proj, device, dry_run)]
+    same_p = [(name, make, backend, True)
+              for name, make, backend in [("torch reference", lambda: ref, "torch")] + candidates(proj, device, dry_run)]
     dense = ("dense fp32 P (torch matmul, the paper's TWA w/o quantization)",
-             lambda: make_engine(random_projection(sizes, args.n, None, device=device), device), False)
-    for name, make, comparable in same_p + [dense]:
+             lambda: make_engine(random_projection(sizes, args.n, None, device=device), device), None, False)
+    for name, make, backend, comparable in same_p + [dense]:
         eng = make()
         c = eng.project(g)
         w = w0.clone()
@@ -110,7 +115,7 @@ def main(argv=None):
         t_exp = median(time_fn(lambda: eng.expand(w, no_move), device, warmup=warmup, iters=iters))
         t_step = median(time_fn(lambda: (eng.project(g), eng.expand(w, no_move)), device, warmup=warmup,
                                 iters=iters))
-        rows.append({"variant": name, "project_s": t_proj, "expand_s": t_exp, "step_s": t_step,
+        rows.append({"variant": name, "backend": backend, "project_s": t_proj, "expand_s": t_exp, "step_s": t_step,
                      "frac_copy": nbytes / t_step / copy_bw, "rel_err_c": err_c, "rel_err_dw": err_w})
         print(rows[-1], flush=True)
         del eng

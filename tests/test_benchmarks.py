@@ -103,23 +103,31 @@ def test_streaming_smoke(tmp_path):
 
 
 @pytest.mark.skipif(pytest.importorskip("triton") is None, reason="triton missing")
-def test_gpu_suite_dry_run(tmp_path):
+def test_gpu_first_light_dry_run(tmp_path):
     # The one command a lent GPU runs, in its small CPU form: every step runs and records itself, and the
     # kernel-variants step checks every variant (shipped and plane Triton kernels) against the reference.
     # (Its table13 step also stands for the main job's --quick run.)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--commit", "abc123",
-                          "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    env["TWA_COMMIT"] = "abc123"
+    out = subprocess.run(["bash", "benchmarks/gpu_first_light.sh", str(tmp_path), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env=dict(env, PYTHON=sys.executable))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert [s["step"] for s in summary["steps"]] == ["gpu tests", "kernel variants", "roofline", "table13"]
+    assert [s["step"] for s in summary["steps"]] == ["gpu tests", "kernel variants", "table13", "roofline"]
     assert all(s["status"] == "passed" for s in summary["steps"]) and summary["dry_run"]
+    # the timing plan it prints sums to at most the 8 minutes one command may take on an H100
+    total = int(re.search(r"\*\*total\*\* \| \*\*(\d+)\*\*", summary["plan"]).group(1))
+    assert total <= 480 and "Timing plan" in out.stdout and "measured" in summary["plan"]
+    record = json.loads((tmp_path / summary["record"]).read_text())["records"][0]
+    assert record["dry_run"] and {"torch", "triton", "triton_plane"} <= set(record["backends"])
+    assert all(b["correct"] for b in record["backends"].values())
     data = json.loads(next(tmp_path.glob("kernel_variants_*.json")).read_text())
     assert data["dry_run"] and data["environment"]["commit"] == "abc123"
     triton_rows = [r for r in data["rows"] if r["variant"].startswith("triton")]
     assert {r["variant"].split()[0] for r in triton_rows} == {"triton", "triton_plane"}
     assert all(r["rel_err_c"] < 1e-5 and r["rel_err_dw"] < 1e-5 for r in triton_rows)
     assert (tmp_path / "gpu_suite.md").read_text().count("| passed |") == 4
+    assert {r["backend"] for r in data["rows"]} >= {"torch", "triton", "triton_plane", None}
     # its table13 step is the main job's quick form: it records which backend ran, and says so first
     table13 = json.loads((tmp_path / "table13_cpu.json").read_text())
     assert [r["gpus"] for r in table13["rows"]] == [1, 1, 1, 1]

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from ..packing import PackedProjection
-from . import extension
+from . import extension, measured
 from .contract import Segments
 from .dense import DenseEngine
 from .torch_ref import TorchEngine
@@ -128,9 +128,29 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
             "the plain reference: dequantize, then matmul"),
 )}
 BACKENDS = ("auto", *REGISTRY)
-# What "auto" takes, fastest first. Triton on the CPU is the interpreter: for tests, never chosen.
+# What "auto" takes, fastest first, where no measurement says otherwise (on a GPU, see measured.py).
+# Triton on the CPU is the interpreter: for tests, never chosen.
 PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _WARNED: set = set()
+
+
+def preference(device: torch.device) -> tuple[tuple[str, ...], str]:
+    """(the order "auto" tries on ``device``, why): on a GPU whose family has a committed measurement,
+    the backends measured correct, fastest first (then the written order for the rest); else the
+    order written above."""
+    written = PREFERENCE.get(device.type, ("torch",))
+    if device.type != "cuda":
+        return written, "the order written in code"
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
+    found = measured.measured_order(name) if name else None
+    if found is None:
+        family = measured.device_family(name) if name else "this GPU"
+        return written, (f"no measured record for {family} in {measured.RECORD_FILE.name} yet: today's order "
+                         f"({' > '.join(written)}), written in code")
+    order, record = found
+    rest = tuple(b for b in written if b not in order)
+    return tuple(order) + rest, (f"measured on {record['device']} at {str(record.get('commit'))[:10]} "
+                                 f"({measured.RECORD_FILE.name}): the fastest correct first")
 
 
 def probe(name: str, device) -> Availability:
@@ -153,7 +173,7 @@ def available_backends(device) -> list[str]:
 
 
 def _auto(device: torch.device) -> str | None:
-    preferred = PREFERENCE.get(device.type, ("torch",))
+    preferred, _ = preference(device)
     skipped = []
     for name in preferred:
         found = probe(name, device)
@@ -239,7 +259,7 @@ def fastest_off(report: list[BackendStatus], device: str) -> tuple[BackendStatus
     """(the backend that runs, the faster one that is off) on ``device``, or None when the fastest runs."""
     rows = [r for r in report if r.device == device]
     chosen = next((r for r in rows if r.chosen), None)
-    best = next((r for r in rows if r.name == PREFERENCE.get(device, ("torch",))[0]), None)
+    best = next((r for r in rows if r.name == preference(torch.device(device))[0][0]), None)
     if chosen is None or best is None or best is chosen:
         return None
     return chosen, best
@@ -263,4 +283,6 @@ def format_backend_report(report: list[BackendStatus]) -> str:
             mark = "*" if r.chosen else ("+" if r.available else "-")
             text = r.detail if r.available else f"off: {r.detail}" + (f" (fix: {r.fix})" if r.fix else "")
             lines.append(f"  {mark} {r.name:<{width}}{text}")
+        order, why = preference(torch.device(device))
+        lines.append(f"  auto tries {' > '.join(order)}: {why}")
     return "\n".join(lines)
