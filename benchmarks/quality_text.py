@@ -329,18 +329,24 @@ def verdict(head, cfg) -> str:
             f"{statistics.mean(full):.3f} test bpc (difference {diff:+.3f}; seed spread {spread:.3f}).")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def text_benchmark(argv, doc: str, full: dict, quick: dict):
+    """The command line of a benchmark on this text (``--quick``, ``--seeds``, ``--out-dir``), its
+    configuration, the device it announces, and the corpus: (args, cfg, device, split, vocab, record)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny model on a slice of the text: a smoke test")
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(quick if args.quick else full)
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
     device = pick_device("cpu")
     announce_backends(device)
-    split, vocab, data_record = corpus(cfg["text_chars"])
+    return (args, cfg, device, *corpus(cfg["text_chars"]))
+
+
+def main(argv=None):
+    args, cfg, device, split, vocab, data_record = text_benchmark(argv, __doc__, FULL, QUICK)
     head, ablation, soups, curves, alphas0 = [], [], [], [], None
     stable, head_twa, stable_twa = [], [], []
     for seed in tqdm(range(cfg["seeds"]), desc="quality_text", unit="seed"):

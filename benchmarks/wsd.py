@@ -34,7 +34,6 @@ its passes.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -44,9 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 import twa_kernels as twa
-from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
+from benchmarks.common import environment, markdown_table, save
 from benchmarks.quality import mean_std
-from benchmarks.quality_text import CharTransformer, bits_per_char, corpus, loss_of, windows
+from benchmarks.quality_text import Run, bits_per_char, loss_of, text_benchmark, windows
 
 FULL = dict(context=64, width=192, layers=3, heads=4, batch=32, steps=1000, seeds=3, text_chars=None)
 QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, steps=200, seeds=1, text_chars=40_000)
@@ -64,19 +63,12 @@ def one_minus_sqrt(k: int, steps: int) -> float:
     return 1.0 - math.sqrt(min(k, steps) / steps)
 
 
-class Seed:
-    """One seed's runs: data, model, the data stream by global step, evaluation."""
+class Seed(Run):
+    """One seed's runs (the text benchmark's, with its model): the data stream by global step, evaluation."""
 
     def __init__(self, split, vocab, cfg, seed):
-        self.split, self.vocab, self.cfg, self.seed = split, vocab, cfg, seed
+        super().__init__(split, vocab, cfg, seed)
         self._epochs = {}
-
-    def model(self, state=None):
-        torch.manual_seed(self.seed)
-        m = CharTransformer(self.vocab, self.cfg["context"], self.cfg["width"], self.cfg["layers"], self.cfg["heads"])
-        if state is not None:
-            m.load_state_dict(state)
-        return m
 
     def stream(self, split="train", start=0, salt=0):
         """The batches of ``split`` from global step ``start`` on: epoch after epoch of fresh orders, the
@@ -350,17 +342,7 @@ def plot(points, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model on a slice of the text: a smoke test")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
-    args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.seeds is not None:
-        cfg["seeds"] = args.seeds
-    device = pick_device("cpu")
-    announce_backends(device)
-    split, vocab, data_record = corpus(cfg["text_chars"])
+    args, cfg, device, split, vocab, data_record = text_benchmark(argv, __doc__, FULL, QUICK)
     S = cfg["steps"]
     points = (S // 2, S)
     results = {t: [] for t in points}
