@@ -1,4 +1,4 @@
-"""Building a :class:`~twa_kernels.subspace.Subspace` from checkpoints, streamed.
+"""Building the parts of a :class:`~twa_kernels.subspace.Subspace` from checkpoints, streamed.
 
 Construction streams the checkpoints layer by layer and row chunk by row chunk, so memory holds the
 n checkpoints of one chunk (a bounded number of bytes) plus the packed result, never n full copies.
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .packing import LayerLayout, PackedProjection, or_codes_into
 from .placement import Placement, plan
 from .quantize import column_norm_ratio, min_max_quantizer, quantize
-from .subspace import NOISE_RTOL, Subspace, held_reasons
+from .parts import NOISE_RTOL, SubspaceParts, held_reasons
 
 # A column whose spread is below this fraction of the layer's largest one is rounding noise of the
 # fp64 centring, not a direction the checkpoints moved in.
@@ -174,16 +174,11 @@ class Builder:
         self.placement.share_quantizer(scale, zero, self.group)
         proj = PackedProjection(lay, scale[:, self.cols].contiguous(), zero[:, self.cols].contiguous(),
                                 words, dense_rows)
-        space = Subspace(names=self.names, shapes=self.shapes, layers_mode=self.layers_mode,
-                         decouple_mode=self.decouple_mode, scale_mode=self.scale_mode, center=center,
-                         projection=proj,
-                         col_norms=col_norms, spread=spread, transform=transform, checkpoint_coords=coords,
-                         frozen=frozen,
-                         layer_sizes=self.sizes,
-                         global_scale=scale, global_zero=zero, placement=self.placement,
-                         process_group=self.group)
-        self.placement.check_same(lambda: space.fingerprint, self.group, "the subspace built")
-        return space
+        return SubspaceParts(names=self.names, shapes=self.shapes, layers_mode=self.layers_mode,
+                             decouple_mode=self.decouple_mode, scale_mode=self.scale_mode, center=center,
+                             projection=proj, col_norms=col_norms, spread=spread, transform=transform,
+                             checkpoint_coords=coords, frozen=frozen, layer_sizes=self.sizes, global_scale=scale,
+                             global_zero=zero, placement=self.placement, process_group=self.group)
 
     # pass 1 ------------------------------------------------------------------------------
     def _pass_statistics(self, layer, center_out, bar):

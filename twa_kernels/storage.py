@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .checkpoints import CheckpointError, remove_stale_temporaries, temporary_name
 from .packing import LayerLayout, PackedProjection
+from .parts import SubspaceParts
 from .placement import from_dict, group_or_world
 
 FORMAT_VERSION = 3  # 2: the checkpoints' spread per layer; 3: the checksum covers the JSON record too
@@ -132,12 +133,12 @@ def _build(cls, path, meta, meta_raw, stored, process_group):
     cols = placement.column_slice(meta["n"])
     proj = PackedProjection(layout, gscale[:, cols].contiguous(), gzero[:, cols].contiguous(),
                             stored.get("words"), stored.get("dense_rows"))
-    space = cls(names=meta["names"], shapes=meta["shapes"], layers_mode=meta["layers"],
-                decouple_mode=meta["decouple"], scale_mode=meta["scale"], center=stored["center"],
-                projection=proj, col_norms=stored["col_norms"], spread=stored["spread"], transform=stored.get("transform"),
-                checkpoint_coords=stored.get("checkpoint_coords"),
-                frozen=stored["frozen"].bool(), layer_sizes=meta["layer_sizes"], global_scale=gscale,
-                global_zero=gzero, placement=placement, process_group=group)
+    space = cls(SubspaceParts(names=meta["names"], shapes=meta["shapes"], layers_mode=meta["layers"],
+                              decouple_mode=meta["decouple"], scale_mode=meta["scale"], center=stored["center"],
+                              projection=proj, col_norms=stored["col_norms"], spread=stored["spread"],
+                              transform=stored.get("transform"), checkpoint_coords=stored.get("checkpoint_coords"),
+                              frozen=stored["frozen"].bool(), layer_sizes=meta["layer_sizes"], global_scale=gscale,
+                              global_zero=gzero, placement=placement, process_group=group))
     if space.fingerprint != meta_raw.get("fingerprint"):
         raise CheckpointError(f"{path}: contents do not match the stored fingerprint (corrupt file?)")
     return space

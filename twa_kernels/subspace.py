@@ -16,7 +16,9 @@ import torch
 
 from . import storage
 from .checkpoints import CheckpointSet
+from .construction import Builder
 from .packing import check_bits
+from .parts import SubspaceParts, held_reasons
 from .placement import Placement, fsdp_placement, group_or_world
 from .quantize import SCALE_MODES
 
@@ -27,26 +29,6 @@ DECOUPLE_MODES = ("center", "gram_schmidt", "none")
 COORDINATES = ("spread", "paper")
 LAYER_MODES = ("param", "model")
 NON_TRAINABLE_MODES = ("checkpoints", "model")
-# A layer whose checkpoints all lie within this fraction of its centre's norm of the centre moved only by
-# the rounding of fp32 weights (a few units in the last place; e.g. a bias that feeds a BatchNorm, whose
-# gradient is zero but for rounding): the directions are noise, so the layer is held fixed. 2^-18 is 32
-# fp32 ulps, far below any layer a training run moves (the smallest seen in this package's benchmarks
-# moved 2.6 % of its norm).
-NOISE_RTOL = 2.0**-18
-
-
-def held_reasons(labels, spread, frozen, center_norms=None) -> dict[str, str]:
-    """Why each held layer is held: identical in every checkpoint, or moved only by rounding."""
-    out = {}
-    for l in torch.nonzero(frozen).flatten().tolist():
-        if float(spread[l]) == 0.0:
-            out[labels[l]] = "is identical in every checkpoint"
-            continue
-        rel = "" if center_norms is None else f", {float(spread[l]) / max(float(center_norms[l]), 1e-300):.1e} of its norm"
-        out[labels[l]] = f"moved only by rounding (spread {float(spread[l]):.1e}{rel}, below {NOISE_RTOL:.1e} of its norm)"
-    return out
-
-
 def _choose(value, allowed, what):
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(map(repr, allowed))}")
@@ -115,29 +97,27 @@ def write_state(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None
 class Subspace:
     """The n-dimensional per-layer subspace spanned by checkpoints, with its quantized projection."""
 
-    def __init__(self, *, names, shapes, layers_mode, decouple_mode, scale_mode, center, projection, col_norms,
-                 spread, transform, frozen, checkpoint_coords=None, layer_sizes=None, global_scale=None, global_zero=None,
-                 placement: Placement | None = None, process_group=None):
-        self.names = list(names)
-        self.shapes = [tuple(s) for s in shapes]
-        self.layers_mode = layers_mode
-        self.decouple_mode = decouple_mode
-        self.scale_mode = scale_mode
-        self.center = center  # fp32 [D], CPU
-        self.projection = projection  # PackedProjection, CPU
-        self.col_norms = col_norms  # fp64 [L, n]: ‖x_i − s‖ per layer
-        self.spread = spread  # fp64 [L]: rms_i ‖x_i − w̄‖, the checkpoints' own scale (every decouple mode)
-        self.transform = transform  # fp64 [L, n, n] for gram_schmidt, else None
-        # fp64 [L, n, n] for gram_schmidt: column i is checkpoint i in P's orthonormal basis (Pᵀ x_i)
-        self.checkpoint_coords = checkpoint_coords
-        self.frozen = frozen  # bool [L]
+    def __init__(self, parts: SubspaceParts):
+        self.names = list(parts.names)
+        self.shapes = [tuple(s) for s in parts.shapes]
+        self.layers_mode = parts.layers_mode
+        self.decouple_mode = parts.decouple_mode
+        self.scale_mode = parts.scale_mode
+        self.center = parts.center
+        self.projection = parts.projection
+        self.col_norms = parts.col_norms
+        self.spread = parts.spread
+        self.transform = parts.transform
+        self.checkpoint_coords = parts.checkpoint_coords
+        self.frozen = parts.frozen
         # A sharded subspace holds part of P̃ (rows: its rows, and w̄ for them; columns: its columns);
         # sizes, scales and zeros of the whole subspace are kept for the maths and the fingerprint.
-        self.placement = placement if placement is not None else Placement()
-        self.process_group = process_group
-        self._global_sizes = tuple(layer_sizes) if layer_sizes is not None else projection.layout.sizes
-        self.global_scale = projection.scale if global_scale is None else global_scale
-        self.global_zero = projection.zero if global_zero is None else global_zero
+        self.placement = parts.placement if parts.placement is not None else Placement()
+        self.process_group = parts.process_group
+        proj = parts.projection
+        self._global_sizes = tuple(parts.layer_sizes) if parts.layer_sizes is not None else proj.layout.sizes
+        self.global_scale = proj.scale if parts.global_scale is None else parts.global_scale
+        self.global_zero = proj.zero if parts.global_zero is None else parts.global_zero
         self.fingerprint = storage.fingerprint(self)
         self._model = None
 
@@ -209,11 +189,11 @@ class Subspace:
                process_group, placement=None) -> "Subspace":
         if shard is not None:
             process_group = group_or_world(process_group)
-        # construction makes Subspace values: imported here so the module dependency runs one way
-        from .construction import Builder
-
-        return Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
-                       process_group, placement).build()
+        builder = Builder(ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress, shard,
+                          process_group, placement)
+        space = cls(builder.build())
+        space.placement.check_same(lambda: space.fingerprint, space.process_group, "the subspace built")
+        return space
 
     # ------------------------------------------------------------------ binding to a model
     def bind(self, model: torch.nn.Module) -> "Subspace":

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from .packing import LayerLayout, PackedProjection, pack_codes
 from .placement import fsdp_placement, group_or_world, plan
+from .parts import SubspaceParts
 from .subspace import Subspace, is_dtensor
 
 
@@ -104,9 +105,9 @@ def synthetic_subspace(model: torch.nn.Module, n: int, bits: int | None, shard: 
         local = PackedProjection(local.layout, scale[:, cols].contiguous(), zero[:, cols].contiguous(), local.words)
     center = torch.cat([p.detach().to_local().reshape(-1).float().cpu() if is_dtensor(p) else
                         p.detach().reshape(-1)[a:b].float().cpu() for (_, p), (a, b) in zip(named, ranges)])
-    return Subspace(names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
-                    decouple_mode="center", scale_mode="layer", center=center, projection=local,
-                    col_norms=torch.ones(len(sizes), n, dtype=torch.float64),
-                    spread=torch.ones(len(sizes), dtype=torch.float64), transform=None,
-                    frozen=torch.zeros(len(sizes), dtype=torch.bool), layer_sizes=sizes, global_scale=scale,
-                    global_zero=zero, placement=placement, process_group=group)
+    return Subspace(SubspaceParts(
+        names=[nm for nm, _ in named], shapes=[tuple(p.shape) for _, p in named], layers_mode="param",
+        decouple_mode="center", scale_mode="layer", center=center, projection=local,
+        col_norms=torch.ones(len(sizes), n, dtype=torch.float64), spread=torch.ones(len(sizes), dtype=torch.float64),
+        transform=None, frozen=torch.zeros(len(sizes), dtype=torch.bool), layer_sizes=sizes, global_scale=scale,
+        global_zero=zero, placement=placement, process_group=group))

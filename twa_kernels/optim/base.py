@@ -216,14 +216,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._hook = model.register_load_state_dict_post_hook(mark)
         # Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` at the next step
         # (one dict lookup per parameter; replacing a whole submodule is not seen this way)
-        self._owners = []
-        for nm in space.names:
+        owners = []
+        for nm, p in zip(space.names, self._binding.params):
             prefix, _, attr = nm.rpartition(".")
             try:
-                self._owners.append((weakref.ref(model.get_submodule(prefix)), attr))  # the model stays the user's
+                module = model.get_submodule(prefix)
             except AttributeError:
-                self._owners = None
+                module = None
+            if module is None or module._parameters.get(attr) is not p:
+                owners = None  # the optimizer was given other tensors than the bound model's: nothing to follow
                 break
+            owners.append((weakref.ref(module), attr))  # weak: the model stays the user's
+        self._owners = owners
 
     def _parameter_objects_replaced(self) -> bool:
         owners = getattr(self, "_owners", None)
