@@ -2,7 +2,6 @@
 altered loads silently. One test per defect of the fault probe, and a seeded fuzz of every reader."""
 
 import json
-import os
 import pickle
 import random
 import struct

@@ -1,5 +1,3 @@
-import io
-import math
 
 import pytest
 import torch

@@ -33,7 +33,9 @@ from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
 from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint, remove_stale_temporaries, temporary_prefix
 from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
 from .optim import twa_state
-from .subspace import Subspace
+from .packing import SUPPORTED_BITS
+from .quantize import SCALE_MODES
+from .subspace import DECOUPLE_MODES, LAYER_MODES, Subspace
 
 BN_STATISTICS = ("*.running_mean", "*.running_var", "*.num_batches_tracked")
 
@@ -367,10 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "by --include / --exclude (shell patterns).")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("-o", "--output", required=True, help="the subspace, a .safetensors file")
-    p.add_argument("--bits", default="4", choices=["1", "2", "4", "8", "fp32"])
-    p.add_argument("--scale", default="layer", choices=["layer", "column", "column_norm"])
-    p.add_argument("--decouple", default="center", choices=["center", "gram_schmidt", "none"])
-    p.add_argument("--layers", default="param", choices=["param", "model"])
+    p.add_argument("--bits", default="4", choices=[*map(str, SUPPORTED_BITS), "fp32"])
+    p.add_argument("--scale", default="layer", choices=list(SCALE_MODES))
+    p.add_argument("--decouple", default="center", choices=list(DECOUPLE_MODES))
+    p.add_argument("--layers", default="param", choices=list(LAYER_MODES))
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="keep only matching names")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="leave matching names out")
     reading(p)

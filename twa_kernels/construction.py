@@ -118,7 +118,7 @@ class Builder:
         x = self.ckpts.rows(name, r0, r1)
         return x[:, e0 - r0 * inner: e1 - r0 * inner]
 
-    def build(self) -> Subspace:
+    def build(self) -> SubspaceParts:
         lay, n = self.layout, self.n
         L = len(self.sizes)
         center = torch.empty(lay.numel, dtype=torch.float32)

@@ -74,9 +74,6 @@ class Communicator:
         self.reduce_scatter(output, input)
         output.div_(self.world_size)
 
-    def wire_bytes(self) -> float:
-        return ring_wire_bytes(self.payload, self.world_size)
-
 
 def ring_wire_bytes(payload: dict, world_size: int) -> float:
     """Bytes on each rank's link under ring algorithms, from per-kind payloads (see Communicator)."""

@@ -25,7 +25,7 @@ the same bits every run, with no float atomics.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -128,10 +128,6 @@ class KernelTables:
     @property
     def num_segments(self) -> int:
         return self.seg_size.numel()
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 class AddressTable:

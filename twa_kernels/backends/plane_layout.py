@@ -89,11 +89,6 @@ class PlaneLayout:
     def num_words(self) -> int:
         return int(self.word_offsets[-1])
 
-    def padding(self) -> float:
-        """Extra bytes over the canonical format, as a fraction of it."""
-        canonical = sum(-(-s * self.n // self.per_word) for s in self.sizes)
-        return self.num_words / max(1, canonical) - 1.0
-
     def pack(self, projection: PackedProjection, device, chunk_rows: int = 1 << 18) -> torch.Tensor:
         """The plane words of ``projection`` (canonical packed words, on any device) on ``device``.
         Works in chunks of whole tiles, on the device, so no layer is ever unpacked whole."""
