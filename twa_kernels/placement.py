@@ -39,6 +39,12 @@ from .backends.numerics import accumulation_dtype, apply_update
 from .distributed import Communicator
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter), without importing torch.distributed.tensor for
+    models that have none."""
+    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "device_mesh"))
+
+
 @dataclass(frozen=True)
 class Placement:
     """One process holds all of P̃ and every weight; nothing is communicated."""

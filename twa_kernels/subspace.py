@@ -19,7 +19,7 @@ from .checkpoints import CheckpointSet
 from .construction import Builder
 from .packing import check_bits
 from .parts import SubspaceParts, held_reasons
-from .placement import Placement, fsdp_placement, group_or_world
+from .placement import Placement, fsdp_placement, group_or_world, is_dtensor
 from .quantize import SCALE_MODES
 
 DECOUPLE_MODES = ("center", "gram_schmidt", "none")
@@ -70,12 +70,6 @@ def read_non_trainable(model: torch.nn.Module, ckpts: CheckpointSet, trainable: 
                          "TWA keeps frozen parameters fixed; make them trainable, or pass non_trainable='model' "
                          "to keep the model's own")
     return out
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2 parameter), without importing torch.distributed.tensor for
-    models that have none."""
-    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "device_mesh"))
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 
 from .packing import LayerLayout, PackedProjection, pack_codes
-from .placement import fsdp_placement, group_or_world, plan
+from .placement import fsdp_placement, group_or_world, is_dtensor, plan
 from .parts import SubspaceParts
-from .subspace import Subspace, is_dtensor
+from .subspace import Subspace
 
 
 def random_projection(sizes, n: int, bits: int | None, seed: int = 0, dyadic: bool = False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..subspace import is_dtensor
+from ..placement import is_dtensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
