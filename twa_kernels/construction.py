@@ -55,7 +55,7 @@ class _Segment:
 
 
 class Builder:
-    """Builds a :class:`Subspace` (or this rank's part of it, as its placement says) in three passes."""
+    """Builds the parts of a :class:`Subspace` (or this rank's part of it, as its placement says) in up to three passes."""
 
     def __init__(self, ckpts, names, shapes, layers, decouple, scale, bits, chunk_bytes, progress,
                  shard_mode=None, process_group=None, placement: Placement | None = None):

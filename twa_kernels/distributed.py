@@ -1,20 +1,10 @@
 """Distributed TWA over torch.distributed (NCCL for CUDA tensors, gloo for CPU tensors).
 
-Three ways to spread the work over k ranks (docs/DESIGN.md, section 3), chosen when the subspace is built
-(``Subspace.from_checkpoints(..., shard=mode, process_group=pg)``); the optimizers follow the subspace,
-and each mode is a placement class in :mod:`twa_kernels.placement`:
-
-=============  ==========================================  ===============================================
-mode           what rank r holds                           communication per step
-=============  ==========================================  ===============================================
-``replicate``  all of P̃                                    all-reduce of c (n·L numbers); no gradient
-                                                           all-reduce at all
-``rows``       every column of P̃ for its 1/k of the rows   reduce-scatter of g (D) + all-reduce of c
-                                                           (n·L) + all-gather of w (D): one plain
-                                                           all-reduce's volume, P̃'s memory divided by k
-``columns``    ⌈n/k⌉ columns of every P̃^l (the paper)     all-reduce of g (D) + all-reduce of the
-                                                           projected update (D)
-=============  ==========================================  ===============================================
+Four ways to spread the work over k ranks: ``shard="replicate" | "rows" | "columns"`` chosen when the
+subspace is built (``Subspace.from_checkpoints(..., shard=mode, process_group=pg)``), and FSDP2, found
+from a model sharded with ``fully_shard``. The optimizers follow the subspace; each mode is a placement
+class in :mod:`twa_kernels.placement`. What each rank holds and moves: the table of modes in README.md,
+"Distributed training" (the one place it is written).
 
 One contract for all modes: ``step()`` receives each rank's *local* gradient (the mean over its own
 batch) and does all the communication itself, averaging over ranks. A DDP-wrapped model therefore

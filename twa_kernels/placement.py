@@ -10,15 +10,8 @@ the subspace builder never branch on a mode:
 * how construction statistics are combined (:meth:`Placement.reduce`, :meth:`Placement.share_quantizer`);
 * how its files are named and checked on load (:meth:`Placement.file_path`, :meth:`Placement.check_rank`).
 
-=============  ==========================================  ===============================================
-placement      what rank r holds                           communication per step
-=============  ==========================================  ===============================================
-``Placement``  everything (one process)                    none
-``Replicate``  all of P̃                                    all-reduce of c (n·L numbers)
-``Rows``       every column of P̃ for its 1/k of the rows   reduce-scatter g + all-reduce c + all-gather w
-``Columns``    ⌈n/k⌉ columns of every P̃^l (the paper)     all-reduce g + all-reduce of the update
-``Fsdp``       every column for its FSDP2 shards' rows      all-reduce of c (FSDP moves the rest)
-=============  ==========================================  ===============================================
+One subclass per mode: ``Placement`` (one process), ``Replicate``, ``Rows``, ``Columns`` and ``Fsdp``;
+what each rank holds and moves is the table of modes in README.md, "Distributed training".
 
 A new mode is one more subclass. Gathering β across ranks is an explicit call
 (:meth:`Placement.gather_beta`), never a property, so a logging call on one rank cannot hang.

@@ -338,7 +338,8 @@ class Subspace:
     # ------------------------------------------------------------------ persistence
     @property
     def shard(self) -> str | None:
-        """The shard mode (``"replicate"``, ``"rows"``, ``"columns"``), None in one process."""
+        """The shard mode (``"replicate"``, ``"rows"``, ``"columns"``, or ``"fsdp"`` for an FSDP2 model), None
+        in one process."""
         return self.placement.mode
 
     def save(self, path) -> None:
