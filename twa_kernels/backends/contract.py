@@ -1,4 +1,6 @@
-"""The contract between an engine and the kernels of every packed backend (triton, cuda, cpp).
+"""The contract between an engine and the kernels of the row-major packed backends (triton, cuda, cpp);
+the plane family (triton_plane, cuda_plane) shares its segments and address tables and has its own
+layout (:mod:`twa_kernels.backends.plane_layout`).
 
 **Segments.** The vectors an engine works on — the gradients it projects, the weights it updates —
 are not one flat buffer but the parameters' own tensors: a list of *segments*, the consecutive pieces
@@ -15,11 +17,14 @@ segments or two layers. A program finds everything from three table loads, and p
 read the partials of ``[layer_prog[l], layer_prog[l + 1])`` in a fixed order: the same inputs give
 the same bits every run, with no float atomics.
 
-**The affine fold is done here, once, for all backends.** Kernels see codes only:
+**Where the affine fold c = scale·t + zero·Σg happens, per family** (the one place this is said):
 
-* project returns ``t = qᵀg`` per layer and ``Σg`` per layer; the engine forms
-  ``c = scale·t + zero·Σg``;
-* expand takes ``u = scale∘Δβ`` and ``s = Σ_j zero_j Δβ_j`` per layer and adds ``q·u + s`` to every row.
+* row-major family (triton, cuda, cpp): here, in :class:`PackedEngine`, once for those backends. Kernels
+  see codes only: project returns ``t = qᵀg`` and ``Σg`` per layer and the engine forms
+  ``c = scale·t + zero·Σg``; expand takes ``u = scale∘Δβ`` and ``s = Σ_j zero_j Δβ_j`` per layer and
+  adds ``q·u + s`` to every row;
+* plane family (triton_plane, cuda_plane): inside its reduce launch, which sums the programs' partial
+  rows of ``qᵀg`` in a fixed order and folds in the same launch; expand takes the same ``u`` and ``s``.
 """
 
 from __future__ import annotations
