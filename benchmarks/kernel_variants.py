@@ -28,12 +28,13 @@ def candidates(proj, device, dry_run=False):
     """The variants timed; a dry run (interpreter) takes one small one, since it only checks the script."""
     from twa_kernels.backends.triton_kernels import TritonEngine
 
+    from twa_kernels.backends import REGISTRY
     from twa_kernels.backends.measured import DEFAULT_SUFFIX
 
     # each GPU backend as backend="auto" would build it: the rows the committed record is made of
     runs = available_backends(device)
     out = [(f"{name}{DEFAULT_SUFFIX}", lambda name=name: make_engine(proj, device, name), name)
-           for name in ("triton", "triton_plane", "cuda", "cuda_plane") if name in runs]
+           for name, backend in REGISTRY.items() if "cuda" in backend.devices and name != "torch" and name in runs]
     shapes = [(256, 4, 2)] if dry_run else [(4096, 4, 16), (4096, 4, 32), (4096, 4, 64), (8192, 4, 32),
                                             (8192, 8, 32), (2048, 4, 64), (16384, 8, 16)]
     for tile, warps, tiles in shapes:
