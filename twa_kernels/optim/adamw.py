@@ -27,15 +27,26 @@ class ProjectedAdamW(ProjectedOptimizer):
                          differentiable=differentiable)
 
     def _rule(self, group, rows, x, grad):
-        b1, b2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        g = -grad if group["maximize"] else grad
-        m = self._buffers["exp_avg"][rows].lerp(g, 1 - b1)
-        v = self._buffers["exp_avg_sq"][rows] * b2 + (1 - b2) * g * g
-        out = {"exp_avg": m, "exp_avg_sq": v}
-        bias1 = 1 - b1 ** self._step
-        bias2_sqrt = (1 - b2 ** self._step).sqrt()
-        if group["amsgrad"]:
-            out["max_exp_avg_sq"] = v = torch.maximum(self._buffers["max_exp_avg_sq"][rows], v)
-        out["x"] = x * (1 - lr * group["weight_decay"]) - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
-        return out
+        state = {k: self._buffers[k][rows] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in self._buffers}
+        new_x, new_state = adamw_update(x, grad, state, self._step, **{k: group[k] for k in _HYPER})
+        return {"x": new_x, **new_state}
+
+
+_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def adamw_update(x, grad, state: dict, step, *, lr, betas, eps, weight_decay, amsgrad, maximize):
+    """One AdamW step on coordinates ``x`` with gradient ``grad`` (torch.optim.AdamW's rule, decoupled
+    weight decay), as a pure function: (new x, new state) from x, the gradient, the state
+    (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` with ``amsgrad``) and the step count, already
+    advanced to this step."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    m = state["exp_avg"].lerp(g, 1 - b1)
+    v = state["exp_avg_sq"] * b2 + (1 - b2) * g * g
+    out = {"exp_avg": m, "exp_avg_sq": v}
+    bias1 = 1 - b1 ** step
+    bias2_sqrt = (1 - b2 ** step).sqrt()
+    if amsgrad:
+        out["max_exp_avg_sq"] = v = torch.maximum(state["max_exp_avg_sq"], v)
+    return x * (1 - lr * weight_decay) - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps), out

@@ -78,7 +78,10 @@ def twa_state(state_dict) -> dict | None:
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_buffer_names`` and ``_rule``.
+    """Base class: subclasses define ``_buffer_names`` and ``_rule``, which calls the rule's pure function
+    (``adamw_update``, ``sgd_update``: (x, gradient, state, step, hyper-parameters) → (new x, new state),
+    as torch.optim's functional ``adamw``); this class does the projections, the coordinates, the
+    placements and the bookkeeping around it.
 
     torch.optim's flags: ``maximize`` is honoured; ``foreach`` and ``fused`` are accepted (the rule is one
     set of tensor operations over all layers and the projection is fused whatever they say);

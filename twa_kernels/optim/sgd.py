@@ -52,16 +52,28 @@ class ProjectedSGD(ProjectedOptimizer):
                 self._engine, self._binding, self._comm).to(c.dtype)
 
     def _rule(self, group, rows, x, grad):
-        d = -grad if group["maximize"] else grad
-        if group["weight_decay"]:
-            toward = x if self._weights_projected is None else self._weights_projected[rows]
-            d = d + group["weight_decay"] * toward
-        mu = group["momentum"]
-        out = {}
-        if mu:
-            old_buf = self._buffers["momentum_buffer"][rows]
-            new_buf = torch.where(self._step <= 1, d, mu * old_buf + (1 - group["dampening"]) * d)
-            out["momentum_buffer"] = new_buf
-            d = d + mu * new_buf if group["nesterov"] else new_buf
-        out["x"] = x - group["lr"] * d
-        return out
+        state = {"momentum_buffer": self._buffers["momentum_buffer"][rows]} if group["momentum"] else {}
+        toward = None if self._weights_projected is None else self._weights_projected[rows]
+        new_x, new_state = sgd_update(x, grad, state, self._step, toward=toward,
+                                      **{k: group[k] for k in _HYPER})
+        return {"x": new_x, **new_state}
+
+
+_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def sgd_update(x, grad, state: dict, step, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+               toward=None):
+    """One SGD step on coordinates ``x`` with gradient ``grad`` (torch.optim.SGD's rule), as a pure
+    function: (new x, new state) from x, the gradient, the state (``momentum_buffer`` with momentum) and
+    the step count, already advanced to this step. Weight decay pulls ``x`` toward 0 (the centre), or
+    adds ``weight_decay · toward`` when ``toward`` is given (the projected weights, for decay_to="zero")."""
+    d = -grad if maximize else grad
+    if weight_decay:
+        d = d + weight_decay * (x if toward is None else toward)
+    out = {}
+    if momentum:
+        buf = torch.where(step <= 1, d, momentum * state["momentum_buffer"] + (1 - dampening) * d)
+        out["momentum_buffer"] = buf
+        d = d + momentum * buf if nesterov else buf
+    return x - lr * d, out
