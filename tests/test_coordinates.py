@@ -224,14 +224,15 @@ def test_default_init_is_the_last_checkpoint():
         assert torch.allclose(p.detach(), ckpts[-1][nm], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("decouple", ["gram_schmidt", "none", "center"])
 @pytest.mark.parametrize("init", ["last", "lawa"])
-def test_init_is_exact_with_gram_schmidt_where_layers_are_smaller_than_n(tmp_path, init):
+def test_init_is_exact_where_layers_are_smaller_than_n(tmp_path, init, decouple):
     # n = 6 checkpoints, and layers of 3 elements (fc2.bias) and 1 (gain): their later checkpoints depend
-    # on the earlier ones, so T has zero columns and α → β must go through Pᵀx_i, not T⁻¹. fp32 P̃ and w̄:
-    # the point is exact to fp32 rounding of weights of size ~1 summed over n = 6 columns.
+    # on the earlier ones, so gram_schmidt's T has zero columns and α → β must go through Pᵀx_i, not T⁻¹.
+    # fp32 P̃ and w̄: the point is exact to fp32 rounding of weights of size ~1 summed over n = 6 columns.
     model = make_model()
     ckpts = make_checkpoints(model, 6)
-    space = twa.Subspace.from_checkpoints(model, ckpts, bits=None, decouple="gram_schmidt", progress=False)
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=None, decouple=decouple, progress=False)
     space.save(tmp_path / "gs.safetensors")
     loaded = twa.Subspace.load(tmp_path / "gs.safetensors", model=model)
     alpha = twa.lawa_weights(6, 3) if init == "lawa" else None

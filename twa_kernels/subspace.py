@@ -317,13 +317,13 @@ class Subspace:
         if self.decouple_mode == "center":
             # Σ α_i (x_i − w̄) = Σ α_i r_i e_i  (the 1/n terms cancel because Σ α = 1)
             beta = alpha * self.col_norms
-        elif self.checkpoint_coords is not None:
-            # P orthonormal: β = Pᵀ Σ (α_i − 1/n) x_i, exact even where a dependent checkpoint (a layer
-            # smaller than n) has no column of its own
+        elif self.decouple_mode == "none":
+            # P = Xᵀ diag(1/r): Σ (α_i − 1/n) x_i = Σ (α_i − 1/n) r_i p_i
+            beta = (alpha - 1.0 / self.n) * self.col_norms
+        else:
+            # gram_schmidt, P orthonormal: β = Pᵀ Σ (α_i − 1/n) x_i, exact even where a dependent
+            # checkpoint (a layer smaller than n) has no column of its own
             beta = torch.einsum("lij,lj->li", self.checkpoint_coords, alpha - 1.0 / self.n)
-        else:  # a file from before checkpoint_coords were stored: exact where T is invertible
-            rhs = alpha - 1.0 / self.n
-            beta = torch.linalg.lstsq(self._transforms(), rhs.unsqueeze(-1)).solution.squeeze(-1)
         beta = beta.clone()
         beta[self.frozen] = 0.0
         return beta
