@@ -35,6 +35,8 @@ its passes.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import math
 import statistics
 import time
@@ -215,12 +217,14 @@ def at_point(run: Seed, ckpts, state, opt_state, t, every) -> dict:
     best_merge = min(merges, key=lambda n: out[n]["val"])
     for frac in HYBRID_COOLDOWNS:
         steps = round(frac * t)
-        for label, name, start_state in (("TWA", best_twa, twa_points[best_twa]),
-                                         ("merge", best_merge, merges[best_merge])):
+        # named by role (which point was best differs by seed); the point itself is recorded in "from"
+        for label, name, start_state in (("best TWA-t", best_twa, twa_points[best_twa]),
+                                         ("best fixed merge", best_merge, merges[best_merge])):
             with Timer() as tm:
                 model = cooldown(run, start_state, opt_state, t, steps)
             base = out[name]
-            record(f"{name} + cooldown {frac:.1%}", model, base["passes"] + steps, base["seconds"] + tm.seconds)
+            record(f"{label} + cooldown {frac:.1%}", model, base["passes"] + steps, base["seconds"] + tm.seconds)
+            out[f"{label} + cooldown {frac:.1%}"]["from"] = name
     return out
 
 
@@ -347,6 +351,9 @@ def main(argv=None):
     points = (S // 2, S)
     results = {t: [] for t in points}
     protocol, run_seconds = [], []
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, "wsd_partial.json")
     for seed in tqdm(range(cfg["seeds"]), desc="wsd", unit="seed"):
         run = Seed(split, vocab, cfg, seed)
         ckpts, at, every, seconds = stable_run(run)
@@ -357,6 +364,10 @@ def main(argv=None):
             res["schedule-free AdamW (its own run of t steps)"] = sf[t]
             results[t].append(res)
         protocol.append(step_protocol(run))
+        # what finished survives a later failure (removed once the results are saved)
+        with open(partial, "w") as f:
+            json.dump({"config": cfg, "seeds_done": seed + 1, "points": {str(t): results[t] for t in points},
+                       "step_protocol": protocol, "stable_run_seconds": run_seconds}, f)
     env = environment(device)
     params_count = sum(p.numel() for p in Seed(split, vocab, cfg, 0).model().parameters())
     lines = {t: verdicts(results[t], t) for t in points}
@@ -380,6 +391,7 @@ def main(argv=None):
                  "targets": {str(t): lines[t] for t in points}, "stable_run_seconds": run_seconds}, md,
                 out_dir=args.out_dir)
     plot(results, path[:-5] + ".png")
+    os.remove(partial)
     print(f"saved {path}, {path[:-5]}.png")
 
 
