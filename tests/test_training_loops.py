@@ -115,14 +115,28 @@ def test_load_state_dict_assign_replaces_parameters_and_the_optimizer_follows():
     assert held == {id(p) for p in model.parameters()}  # param_groups hold the model's tensors again
 
 
-def test_parameters_replaced_behind_the_optimizers_back_raise():
+def test_parameters_replaced_behind_the_optimizers_back_are_followed():
     model, space = build()
     opt = twa.ProjectedSGD(model.parameters(), space, lr=0.2)
-    model.fc1 = torch.nn.Linear(5, 7)  # new Parameter objects, no load_state_dict
+    model.fc1 = torch.nn.Linear(5, 7)  # new modules and Parameter objects, no load_state_dict
     model.fc2 = torch.nn.Linear(7, 3)
     model.gain = torch.nn.Parameter(torch.ones(()))
     x, y = batches(1, dtype=torch.float32)[0]
     torch.nn.functional.cross_entropy(model(x), y).backward()
+    new = dict(model.named_parameters())
+    before = {nm: p.detach().clone() for nm, p in new.items()}
+    beta = opt.beta.clone()
+    opt.step()
+    assert all(p is new[nm] for p, nm in zip(opt.param_groups[0]["params"], space.names))
+    # the new tensors took the step, as loaded weights do: their values + P̃Δβ, layer by layer
+    for l, nm in enumerate(space.names):
+        want = before[nm].reshape(-1) + space.dense(l) @ (opt.beta[l] - beta[l]).float()
+        torch.testing.assert_close(new[nm].detach().reshape(-1), want, rtol=0, atol=1e-6)
+
+
+def test_a_step_with_no_gradient_at_all_raises():
+    model, space = build()
+    opt = twa.ProjectedSGD(model.parameters(), space, lr=0.2)
     with pytest.raises(RuntimeError, match="no parameter of the subspace has a gradient"):
         opt.step()
 

@@ -217,8 +217,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 opt._replaced = True
 
         self._hook = model.register_load_state_dict_post_hook(mark)
-        # Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` at the next step
-        # (one dict lookup per parameter; replacing a whole submodule is not seen this way)
+        # Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` (or a submodule
+        # replaced and gone) at the next step: one dict lookup per parameter
         owners = []
         for nm, p in zip(space.names, self._binding.params):
             prefix, _, attr = nm.rpartition(".")
@@ -238,7 +238,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             return False
         for (module, attr), p in zip(owners, self._binding.params):
             m = module()
-            if m is not None and m._parameters.get(attr) is not p:
+            if m is None or m._parameters.get(attr) is not p:  # a gone module was replaced in the model
                 return True
         return False
 
@@ -246,6 +246,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """Take the bound model's current parameters for every layer (they were replaced)."""
         self._replaced = False
         current = self.space.bound_parameters()
+        model = self.space.bound_model()
+        if model is not None and getattr(self, "_owners", None):
+            self._owners = [(weakref.ref(model.get_submodule(nm.rpartition(".")[0])), nm.rpartition(".")[2])
+                            for nm in self.space.names]
         if current is None:
             return
         new = [current.get(nm) for nm in self.space.names]
