@@ -365,40 +365,31 @@ class TestBadInput:
         self.assert_same(snap)
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_the_pure_adamw_rule_is_torchs(amsgrad):
-    # the rule alone, on one [L, n] tensor of coordinates, against torch.optim.AdamW over 5 steps (float64:
-    # the same operations in another order agree to ~1e-16)
+@pytest.mark.parametrize("rule,reference,hp", [
+    ("adamw", torch.optim.AdamW, dict(lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=False,
+                                      maximize=False)),
+    ("adamw", torch.optim.AdamW, dict(lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=True,
+                                      maximize=False)),
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True,
+                                  maximize=False)),
+], ids=["adamw", "adamw-amsgrad", "sgd-nesterov"])
+def test_the_pure_update_rules_are_torchs(rule, reference, hp):
+    # the rule alone, on one [L, n] tensor of coordinates, against torch.optim's optimizer over 5 steps
+    # (float64: the same operations in another order agree to ~1e-16)
     from twa_kernels.optim.adamw import adamw_update
+    from twa_kernels.optim.sgd import sgd_update
 
+    update = {"adamw": adamw_update, "sgd": sgd_update}[rule]
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     grads = [torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(5)]
-    hp = dict(lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
     p = x0.clone().requires_grad_()
-    ref = torch.optim.AdamW([p], **hp)
-    x, state = x0.clone(), {k: torch.zeros_like(x0) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    ref = reference([p], **hp)
+    x = x0.clone()
+    state = {k: torch.zeros_like(x0) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")}
     for step, g in enumerate(grads, start=1):
         p.grad = g.clone()
         ref.step()
-        x, new = adamw_update(x, g, state, torch.tensor(float(step), dtype=torch.float64), **hp)
-        state.update(new)
-        torch.testing.assert_close(x, p.detach(), rtol=1e-12, atol=1e-14)
-
-
-def test_the_pure_sgd_rule_is_torchs():
-    from twa_kernels.optim.sgd import sgd_update
-
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    grads = [torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(5)]
-    hp = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False)
-    p = x0.clone().requires_grad_()
-    ref = torch.optim.SGD([p], **hp)
-    x, state = x0.clone(), {"momentum_buffer": torch.zeros_like(x0)}
-    for step, g in enumerate(grads, start=1):
-        p.grad = g.clone()
-        ref.step()
-        x, new = sgd_update(x, g, state, torch.tensor(float(step), dtype=torch.float64), **hp)
+        x, new = update(x, g, state, torch.tensor(float(step), dtype=torch.float64), **hp)
         state.update(new)
         torch.testing.assert_close(x, p.detach(), rtol=1e-12, atol=1e-14)
