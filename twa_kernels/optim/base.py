@@ -217,20 +217,23 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 opt._replaced = True
 
         self._hook = model.register_load_state_dict_post_hook(mark)
-        # Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` (or a submodule
-        # replaced and gone) at the next step: one dict lookup per parameter
+        self._owners = self._locate_owners(model)
+
+    def _locate_owners(self, model):
+        """Where each layer's Parameter lives, to see `module.weight = nn.Parameter(...)` (or a submodule
+        replaced and gone) at the next step with one dict lookup per parameter; None when the optimizer
+        holds other tensors than the model's own (nothing to follow)."""
         owners = []
-        for nm, p in zip(space.names, self._binding.params):
+        for nm, p in zip(self.space.names, self._binding.params):
             prefix, _, attr = nm.rpartition(".")
             try:
                 module = model.get_submodule(prefix)
             except AttributeError:
-                module = None
-            if module is None or module._parameters.get(attr) is not p:
-                owners = None  # the optimizer was given other tensors than the bound model's: nothing to follow
-                break
+                return None
+            if module._parameters.get(attr) is not p:
+                return None
             owners.append((weakref.ref(module), attr))  # weak: the model stays the user's
-        self._owners = owners
+        return owners
 
     def _parameter_objects_replaced(self) -> bool:
         owners = getattr(self, "_owners", None)
@@ -246,10 +249,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """Take the bound model's current parameters for every layer (they were replaced)."""
         self._replaced = False
         current = self.space.bound_parameters()
-        model = self.space.bound_model()
-        if model is not None and getattr(self, "_owners", None):
-            self._owners = [(weakref.ref(model.get_submodule(nm.rpartition(".")[0])), nm.rpartition(".")[2])
-                            for nm in self.space.names]
         if current is None:
             return
         new = [current.get(nm) for nm in self.space.names]
@@ -257,12 +256,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if lost:
             raise ValueError(f"the model no longer has parameter(s) {', '.join(map(repr, lost[:5]))} of the subspace")
         old_to_new = {id(o): t for o, t in zip(self._binding.params, new) if o is not t}
-        if not old_to_new:
-            return
-        for group in self.param_groups:
-            group["params"] = [old_to_new.get(id(p), p) for p in group["params"]]
-        self._binding.replace(new)
-        self._publish_state()
+        if old_to_new:
+            for group in self.param_groups:
+                group["params"] = [old_to_new.get(id(p), p) for p in group["params"]]
+            self._binding.replace(new)
+        if getattr(self, "_owners", None):  # the modules that hold them now (a gone one is not looked at again)
+            self._owners = self._locate_owners(self.space.bound_model())
+        if old_to_new:
+            self._publish_state()
 
     def _follow(self) -> None:
         """After a storage changed: where the parameters went, P̃, β and the state go (O(L) when nothing
