@@ -6,6 +6,7 @@
     twa build CKPT... --bits 4 -o space.safetensors   build a subspace; names and shapes from the first checkpoint
     twa info FILE                                  what a subspace or a checkpoint holds
     twa alphas SPACE STATE                         α per layer by parameter name, as JSON
+    twa fit CKPT... --text FILE -o OUT             a learned merge of Hugging Face causal-LM checkpoints (TWA)
 
 Every subcommand has ``--help``. Bad input gets one line naming the problem on stderr and exit status 1
 (2 for a malformed command line); nothing is written unless the whole command succeeds.
@@ -19,19 +20,16 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .backends import backend_report, format_backend_report
 from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
-from .checkpoints import HF_WEIGHT_FILES, label, open_checkpoint, remove_stale_temporaries, temporary_prefix
+from .checkpoints import label, open_checkpoint
 from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
+from .hf_output import hf_weights_file, write_model
 from .optim import twa_state
 from .packing import SUPPORTED_BITS
 from .quantize import SCALE_MODES
@@ -124,78 +122,21 @@ def _window(args, inputs: list[str]) -> list[str]:
     return chosen
 
 
-def _hf_folder(path: str) -> str | None:
-    """The weights file a Hugging Face checkpoint folder keeps, or None for anything else."""
-    if not os.path.isdir(path):
-        return None
-    return next((name for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))), None)
-
-
-def _output_groups(inputs, source) -> tuple[list[tuple[str, list[str]]], str | None]:
-    """(file name, keys) per output file, and the index file name when the output is sharded: sharded
-    like the last input when it is a sharded Hugging Face folder, one file otherwise."""
-    last = inputs[-1]
-    weights_file = _hf_folder(last)
-    if weights_file is not None and weights_file.endswith(".index.json"):
-        with open(os.path.join(last, weights_file)) as f:
-            weight_map = json.load(f)["weight_map"]
-        shards: dict[str, list[str]] = {}
-        for key in source.keys():
-            name = weight_map.get(key, "model-extra.safetensors")
-            shards.setdefault(os.path.splitext(name)[0] + ".safetensors", []).append(key)
-        return sorted(shards.items()), "model.safetensors.index.json"
-    return [("model.safetensors", list(source.keys()))], None
-
-
 def _average(args) -> int:
     inputs = _window(args, list(args.checkpoints))
     if len(inputs) < 2:
         raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
     weights = _weights(args, len(inputs))
     sources = open_matching(inputs, trusted=args.trusted)
-    first = sources[0]
-    keys = list(first.keys())
-    hf = all(_hf_folder(p) is not None for p in inputs)
+    keys = list(sources[0].keys())
+    hf = all(hf_weights_file(p) is not None for p in inputs)
     out = os.fspath(args.output)
-    if hf:
-        if os.path.exists(out):
-            raise UsageError(f"{out} exists: give a new folder for the averaged model")
-        groups, index_name = _output_groups(inputs, first)
-    else:
-        if not out.endswith(".safetensors"):
-            raise UsageError(f"the output of averaging checkpoint files is a .safetensors file, not {out}")
-        groups, index_name = [(os.path.basename(out), keys)], None
-    folder = os.path.dirname(os.path.abspath(out)) or "."
-    remove_stale_temporaries(folder)
-    staging = tempfile.mkdtemp(prefix=temporary_prefix(), dir=folder)
-    try:
-        bar = tqdm(total=len(keys), desc=f"averaging {len(inputs)} checkpoints", unit="tensor",
-                   disable=None if not args.quiet else True)
-        weight_map = {}
-        with bar:
-            for file_name, group in groups:
-                tensors = {}
-                for k in group:
-                    tensors[k] = average_tensor(sources, weights, k).contiguous()
-                    weight_map[k] = file_name
-                    bar.update(1)
-                save_file(tensors, os.path.join(staging, file_name), metadata={"format": "pt"})
-        if hf:
-            if index_name is not None:
-                with open(os.path.join(staging, index_name), "w") as f:
-                    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-            for name in os.listdir(inputs[-1]):  # config, tokenizer, generation config: from the last input
-                src = os.path.join(inputs[-1], name)
-                if os.path.isfile(src) and name.endswith((".json", ".txt", ".model", ".py")) \
-                        and "index" not in name and name not in ("trainer_state.json",):
-                    shutil.copy2(src, os.path.join(staging, name))
-            os.replace(staging, out)
-        else:
-            os.replace(os.path.join(staging, groups[0][0]), out)
-            shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if not hf and not out.endswith(".safetensors"):
+        raise UsageError(f"the output of averaging checkpoint files is a .safetensors file, not {out}")
+    if hf and os.path.exists(out):
+        raise UsageError(f"{out} exists: give a new folder for the averaged model")
+    write_model(out, keys, lambda k: average_tensor(sources, weights, k), like=inputs[-1] if hf else None,
+                desc=f"averaging {len(inputs)} checkpoints", progress=False if args.quiet else None)
     used = ", ".join(f"{os.path.basename(os.path.normpath(p))} × {w:.6g}" for p, w in zip(inputs, weights))
     print(f"wrote {out} ({args.method} average of {len(inputs)} checkpoints, {len(keys)} tensors: {used})")
     return 0
@@ -320,6 +261,25 @@ def _alphas(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- fit
+def _fit(args) -> int:
+    try:
+        from .fit import fit_causal_lm, summary
+    except ImportError as err:
+        raise UsageError(f"twa fit needs transformers ({err}): pip install 'twa-kernels[hf]'") from None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    report = fit_causal_lm(args.checkpoints, args.text, args.output, split=args.split, bits=int(args.bits),
+                           steps=args.steps, lr=args.lr, context=args.context, batch=args.batch,
+                           eval_tokens=args.eval_tokens, holdout=args.holdout, tokenizer=args.tokenizer,
+                           seed=args.seed, dtype=dtype, device=args.device,
+                           progress=False if args.quiet else None, trusted=args.trusted)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"twa fit: {summary(report)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twa", description="Trainable Weight Averaging tools.")
@@ -393,6 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subspace")
     p.add_argument("state")
     p.set_defaults(run=_alphas)
+
+    p = sub.add_parser("fit", help="a learned merge of Hugging Face causal-LM checkpoints (TWA), streamed",
+                       description="Build the subspace of the checkpoints (streamed), train TWA (ProjectedAdamW, its "
+                                   "defaults, from the last checkpoint) on the text, and write the merged model as a "
+                                   "Hugging Face folder like the last checkpoint, with α per layer as "
+                                   "twa_alphas.json. The text is cut by position: the last --holdout is held out; "
+                                   "TWA-v (--split val) trains on its first half, TWA-t (--split train) on the rest "
+                                   "of the text; every loss reported is on the second half, which nothing trains on.")
+    p.add_argument("checkpoints", nargs="+", help="Hugging Face checkpoint folders, oldest first")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("-o", "--output", required=True, help="a new folder for the merged model")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--bits", default="4", choices=[*map(str, SUPPORTED_BITS)])
+    p.add_argument("--steps", type=int, default=100, help="TWA steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: ProjectedAdamW's)")
+    p.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored (default 16384)")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of the text held out (default 0.1)")
+    p.add_argument("--tokenizer", default="auto",
+                   help="auto (the last checkpoint's), bytes (UTF-8 bytes as ids), or a name or path")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, metavar="FILE", help="write every figure as JSON")
+    reading(p)
+    p.set_defaults(run=_fit)
     return parser
 
 

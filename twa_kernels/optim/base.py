@@ -16,6 +16,7 @@ import warnings
 import weakref
 
 import torch
+from torch.profiler import record_function
 
 from ..backends import make_engine
 from ..backends.numerics import accumulation_dtype
@@ -25,6 +26,8 @@ from .binding import ParameterBinding, bind_parameters
 
 INIT_MODES = ("center", "last", "keep")
 NONFINITE_MODES = ("raise", "skip")
+# The profiler's names for the step's two projections (torch.profiler shows their time in every step).
+PROJECT_EVENT, APPLY_EVENT = "twa.project (P^T g)", "twa.apply (P beta)"
 DEFAULT_INIT = "last"  # chosen on one seed of quality_text's head stage; README says what was measured
 
 
@@ -369,7 +372,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 "no parameter of the subspace has a gradient: call loss.backward() before opt.step(). If the "
                 "model's parameters were replaced (a new module, or load_state_dict(..., assign=True) on a "
                 "submodule), this optimizer still holds the old ones: make a new optimizer")
-        c = self._placement.project(self._engine, self._binding, self._comm)
+        with record_function(PROJECT_EVENT):
+            c = self._placement.project(self._engine, self._binding, self._comm)
         finite = torch.isfinite(c).all()
         if self._nonfinite == "raise":
             if not bool(finite):
@@ -394,7 +398,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 # one guard for β and every buffer: a skipped step (nonfinite="skip") changes nothing
                 target = self._beta if name == "beta" else self._buffers[name]
                 target[rows] = new if finite is None else torch.where(finite, new, target[rows])
-        self._apply_delta(self._beta - old)
+        with record_function(APPLY_EVENT):
+            self._apply_delta(self._beta - old)
         return loss
 
     def _prepare(self, c) -> None:
