@@ -321,13 +321,16 @@ def markdown(record: dict, headline: dict) -> str:
               f"The two projections take {100 * t['projections_fraction']:.1f} % of a TWA step.", ""]
     s = fit["eval_loss"]
     losses = [x["loss"] for x in fit["steps"]]
-    lines += [f"TWA-v over {fit['twa_steps']} steps: training loss {losses[0]:.4f} → {losses[-1]:.4f}; eval loss on "
+    q = max(1, len(losses) // 4)
+    lines += [f"TWA-v over {fit['twa_steps']} steps: training loss (mean of the first and of the last {q} steps' "
+              f"batches) {mean(losses[:q]):.4f} → {mean(losses[-q:]):.4f}; eval loss on "
               f"{fit['eval_windows']} held-out windows: last checkpoint {s['last']:.4f}, uniform merge "
-              f"{s['uniform']:.4f}, TWA start {s['start']:.4f} → {s['twa']:.4f} (nats/byte). `twa fit`: "
-              f"{fit['summary']}", ""]
+              f"{s['uniform']:.4f}, TWA start {s['start']:.4f} → {s['twa']:.4f} (nats/byte). `twa fit` said: "
+              f"{fit['summary'].removeprefix('twa fit: ')}", ""]
     if "fsdp" in headline:
         f = headline["fsdp"]
-        lines += [f"FSDP2, world 2 over gloo (one thread per rank): {f['s_per_step']:.2f} s/step against "
+        lines += [f"FSDP2, world 2 over gloo (one thread per rank, fp32 all-gathers and reduce-scatters through "
+                  f"host memory): {f['s_per_step']:.2f} s/step against "
                   f"{f['single_process_s_per_step']:.2f} s/step in one process of two threads; peak RSS per rank "
                   + ", ".join(gib(x) for x in f["peak_rss_bytes"]) + " (anonymous: "
                   + ", ".join(gib(x) for x in f["peak_anon_bytes"]) + "; in training: "
@@ -377,6 +380,20 @@ def plot(record: dict, headline: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def render(path: str) -> None:
+    """Markdown, plot and plan again from a result JSON (after a change to how they are written)."""
+    with open(path) as f:
+        record = json.load(f)
+    headline = summarize(record)
+    with open(path.replace(".json", ".md"), "w") as f:
+        f.write(markdown(record, headline))
+    plot(record, headline, path.replace(".json", ".png"))
+    from benchmarks import scale_plan
+
+    with open(os.path.join(os.path.dirname(path), os.path.basename(path).replace("_cpu.json", "_plan.md")), "w") as f:
+        f.write(scale_plan.plan_markdown(record))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny Llama through every phase (CI); --size quick")
@@ -387,8 +404,11 @@ def main(argv=None) -> None:
     p.add_argument("--mergekit", default=None, help="mergekit-yaml to compare twa average with")
     p.add_argument("--no-fsdp", action="store_true", help="skip the world-size-2 run")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--render", default=None, metavar="JSON", help="only write the markdown, plot and plan of a result")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.render:
+        return render(args.render)
     if args.quick:
         args.size = "quick"
     model_cfg, run = SIZES[args.size]

@@ -6,7 +6,7 @@ import torch
 import twa_kernels as twa
 from backend_cases import EDGE_SIZES, exact_vectors, float_case, random_projection
 from reference import batches, make_checkpoints, make_model
-from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends import REGISTRY, available_backends, make_engine, probe
 from twa_kernels.backends.contract import Segments
 from twa_kernels.backends.torch_ref import TorchEngine
 
@@ -14,18 +14,23 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def kernel_backends():
+    """Every registered backend but the reference, on every device it runs on here: a new backend is
+    tested by registering it."""
     out = []
-    for dev in DEVICES:
-        for b in ("triton", "cpp", "cuda", "cuda_plane"):
-            marks = () if b in available_backends(dev) else (pytest.mark.skip(reason=f"{b} unavailable on {dev}"),)
-            if b.startswith("cuda") == (dev == "cuda") or b == "triton":
-                out.append(pytest.param(b, dev, marks=marks, id=f"{b}-{dev}"))
+    for name, backend in REGISTRY.items():
+        if name == "torch":
+            continue
+        for dev in DEVICES:
+            if dev in backend.devices:
+                marks = () if name in available_backends(dev) else (
+                    pytest.mark.skip(reason=f"{name} unavailable on {dev}: {probe(name, dev).detail}"),)
+                out.append(pytest.param(name, dev, marks=marks, id=f"{name}-{dev}"))
     return out
 
 
 BACKENDS = kernel_backends()
 # The Triton interpreter runs a case in seconds where compiled kernels take milliseconds.
-INTERPRETED = {("triton", "cpu")}
+INTERPRETED = {("triton", "cpu"), ("triton_plane", "cpu")}
 
 
 def crossed(bits_widths, ns):
@@ -54,6 +59,9 @@ def engines(proj, backend, device, segments=None):
     elif backend == "triton":
         from twa_kernels.backends.triton_kernels import TritonEngine
         out.append(TritonEngine(proj, torch.device(device), segments, block_rows=16, rows_per_program=48))
+    elif backend == "triton_plane":  # tiles of 8 threads (256 rows at ≤ 4 bits), two tiles per program
+        from twa_kernels.backends.triton_plane import TritonPlaneEngine
+        out.append(TritonPlaneEngine(proj, torch.device(device), segments, threads=8, tiles_per_program=2))
     else:
         from twa_kernels.backends.extension import ExtensionEngine
         out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=48, vectorized=False))

@@ -7,11 +7,11 @@ import torch
 import twa_kernels as twa
 from twa_kernels.optim import twa_state
 from backend_cases import project_bound, random_projection
-from twa_kernels.backends import available_backends, make_engine
+from twa_kernels.backends import REGISTRY, available_backends, make_engine
 from twa_kernels.backends.torch_ref import TorchEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-GPU_BACKENDS = ["triton", "triton_plane", "cuda", "cuda_plane"]
+GPU_BACKENDS = [name for name, b in REGISTRY.items() if name != "torch" and "cuda" in b.devices]  # every registered one
 
 
 def _gpu_backend(name):

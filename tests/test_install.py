@@ -14,6 +14,7 @@ import torch
 import twa_kernels as twa
 from backend_cases import random_projection
 from twa_kernels import backends
+from twa_kernels.backends import registry
 from twa_kernels.backends import Availability, extension, make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_auto_says_once_which_faster_backend_is_off_why_and_the_fix(monkeypatch)
     off = Availability(False, "compiling csrc/ failed: x.cpp:1:1: error: boom", "pip install ninja")
     monkeypatch.setitem(backends.REGISTRY, "cpp", backends.Backend("cpp", cpp.devices, lambda d: off, cpp.factory,
                                                                    cpp.summary))
-    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.setattr(registry, "_WARNED", set())
     proj = random_projection((5, 3), 4, 4, seed=0)
     with pytest.warns(RuntimeWarning) as record:
         assert make_engine(proj, "cpu").name == "torch"

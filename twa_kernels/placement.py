@@ -188,6 +188,50 @@ class _Distributed(Placement):
                              "efficiently; use an NCCL group for CUDA parameters")
 
 
+class StagedCommunicator(Communicator):
+    """The communicator of a placement whose collectives take flat vectors (``rows``, ``columns``), with
+    the buffers they read and write, kept between steps: a buffer follows the parameters when they move
+    or change dtype (it is made anew), and its tail past the parameters stays 0."""
+
+    def __init__(self, process_group):
+        super().__init__(process_group)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, role: str, numel: int, binding, dtype=None) -> torch.Tensor:
+        dtype = dtype or binding.dtype
+        buf = self._buffers.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != binding.device:
+            buf = self._buffers[role] = torch.zeros(numel, dtype=dtype, device=binding.device)
+        return buf
+
+
+def gather_grads(binding, out: torch.Tensor) -> torch.Tensor:
+    """Every gradient, flattened in layer order, into ``out[:numel]``."""
+    torch.cat([g.reshape(-1) for g in binding.grads()], out=out[: binding.numel])
+    return out
+
+
+def scatter_weights(binding, flat: torch.Tensor) -> None:
+    """Copy ``flat[:numel]`` into the parameters."""
+    torch._foreach_copy_([p.view(-1) for p in binding.params], list(flat[: binding.numel].split(binding.sizes)))
+
+
+def pieces(binding, start: int, stop: int) -> list[torch.Tensor]:
+    """Flat views of the parameters' elements [start, stop) of the layer-order vector, one per parameter
+    it touches."""
+    out, offset = [], 0
+    for p, size in zip(binding.params, binding.sizes):
+        a, b = max(start - offset, 0), min(stop - offset, size)
+        if a < b:
+            out.append(p.view(-1)[a:b])
+        offset += size
+    return out
+
+
+def _staged_communicator(self, group):
+    return StagedCommunicator(group)
+
+
 def _project_weights_over_ranks(self, engine, binding, comm) -> torch.Tensor:
     """P̃ᵀw where each rank holds part of the rows: the ranks' partial sums add up."""
     c = engine.project(self.owned(binding))
@@ -239,15 +283,16 @@ class Rows(_Distributed):
         return out
 
     def owned(self, binding) -> list[torch.Tensor]:
-        return binding.pieces(self.row_start, self.row_stop)
+        return pieces(binding, self.row_start, self.row_stop)
 
     reduce = _reduce_over_ranks
     project_weights = _project_weights_over_ranks
+    communicator = _staged_communicator
 
     def project(self, engine, binding, comm) -> torch.Tensor:
         # reduce-scatter needs the gradients as one vector of k equal pieces
-        flat = binding.gather_grads(binding.buffer("grad", self.padded))
-        mine = binding.buffer("grad_mine", self.padded // self.world_size)
+        flat = gather_grads(binding, comm.buffer("grad", self.padded, binding))
+        mine = comm.buffer("grad_mine", self.padded // self.world_size, binding)
         comm.reduce_scatter_mean(mine, flat)
         c = engine.project(mine[: self.row_stop - self.row_start])
         comm.all_reduce(c)
@@ -258,13 +303,13 @@ class Rows(_Distributed):
         self.synchronize(binding, comm)
 
     def synchronize(self, binding, comm) -> None:
-        mine = binding.buffer("weights_mine", self.padded // self.world_size)
+        mine = comm.buffer("weights_mine", self.padded // self.world_size, binding)
         owned = self.owned(binding)
         if owned:
             torch.cat([t.reshape(-1) for t in owned], out=mine[: self.row_stop - self.row_start])
-        flat = binding.buffer("weights", self.padded)
+        flat = comm.buffer("weights", self.padded, binding)
         comm.all_gather(flat, mine)
-        binding.scatter_weights(flat)
+        scatter_weights(binding, flat)
 
 
 @dataclass(frozen=True)
@@ -275,6 +320,8 @@ class Columns(_Distributed):
     col_stop: int = 0
     mode: ClassVar[str] = "columns"
     moves_weights: ClassVar[bool] = True
+
+    communicator = _staged_communicator
 
     def column_slice(self, n: int) -> slice:
         return slice(self.col_start, self.col_stop)
@@ -290,13 +337,13 @@ class Columns(_Distributed):
             t.copy_(mine.cpu())
 
     def project(self, engine, binding, comm) -> torch.Tensor:
-        grad = binding.gather_grads(binding.buffer("grad", binding.numel))
+        grad = gather_grads(binding, comm.buffer("grad", binding.numel, binding))
         comm.all_reduce_mean(grad)
         return engine.project(grad)
 
     def apply(self, engine, binding, delta, compensation, comm) -> None:
         # Σ_r P̃_r Δβ_r is summed over ranks at the precision the update is computed in.
-        update = binding.buffer("update", binding.numel, accumulation_dtype(binding.dtype))
+        update = comm.buffer("update", binding.numel, binding, accumulation_dtype(binding.dtype))
         update.zero_()
         engine.expand(update, delta)
         comm.all_reduce(update)

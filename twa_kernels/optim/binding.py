@@ -78,7 +78,6 @@ class ParameterBinding:
         self.numel = sum(self.sizes)
         self._key = None
         self._zeros = None
-        self._staging: dict[str, torch.Tensor] = {}
         self.device, self.dtype = self._validate()
         self._key = self._addresses()
 
@@ -122,7 +121,6 @@ class ParameterBinding:
         self.device, self.dtype = self._validate()
         self._key = key
         self._zeros = None
-        self._staging.clear()
         return True
 
     def replace(self, params: list[torch.Tensor]) -> None:
@@ -156,33 +154,3 @@ class ParameterBinding:
         if self._zeros is None:
             self._zeros = torch.zeros(max(self.sizes), dtype=self.dtype, device=self.device)
         return self._zeros[:numel]
-
-    # ------------------------------------------------------------------ flat staging (sharded modes)
-    def buffer(self, role: str, numel: int, dtype=None) -> torch.Tensor:
-        """A flat buffer of at least ``numel`` elements kept between steps (collectives need one); the
-        tail past the parameters stays 0."""
-        dtype = dtype or self.dtype
-        buf = self._staging.get(role)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._staging[role] = torch.zeros(numel, dtype=dtype, device=self.device)
-        return buf
-
-    def gather_grads(self, out: torch.Tensor) -> torch.Tensor:
-        """Every gradient, flattened in layer order, into ``out[:numel]``."""
-        torch.cat([g.reshape(-1) for g in self.grads()], out=out[: self.numel])
-        return out
-
-    def scatter_weights(self, flat: torch.Tensor) -> None:
-        """Copy ``flat[:numel]`` into the parameters."""
-        torch._foreach_copy_([p.view(-1) for p in self.params], list(flat[: self.numel].split(self.sizes)))
-
-    def pieces(self, start: int, stop: int) -> list[torch.Tensor]:
-        """Flat views of the parameters' elements [start, stop) of the layer-order vector, one per
-        parameter it touches."""
-        out, offset = [], 0
-        for p, size in zip(self.params, self.sizes):
-            a, b = max(start - offset, 0), min(stop - offset, size)
-            if a < b:
-                out.append(p.view(-1)[a:b])
-            offset += size
-        return out
