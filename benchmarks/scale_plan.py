@@ -76,10 +76,15 @@ def projection_bytes(cfg: dict, n: int, bits: int, world: int = 1) -> float:
 
 
 def state_bytes(cfg: dict, optimizer: str, world: int = 1, n: int = 8, bits: int = 4,
-                center_on_device: bool = False) -> dict[str, float]:
-    """Bytes per rank of weights, gradients and optimizer state (fp32 master weights, FSDP2 shards)."""
+                center_on_device: bool = False, weights: str = "fp32") -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer state (FSDP2 shards). ``weights="bf16"`` (TWA
+    only): bf16 weights and gradients with the optimizer's bf16 Kahan residue, which keeps w̄ + P̃β
+    exact to fp32 rounding without fp32 master weights (TWA never adds a step to the weights by itself)."""
     p = parameter_count(cfg) / world
-    out = {"weights": 4 * p, "gradients": 4 * p}
+    if weights == "bf16" and optimizer != "twa":
+        raise ValueError("bf16 weights without fp32 masters are for TWA, whose residue keeps them exact")
+    out = {"weights": 4 * p, "gradients": 4 * p} if weights == "fp32" else \
+        {"weights": 2 * p, "gradients": 2 * p, "residue": 2 * p}
     if optimizer == "adamw":
         out["optimizer_state"] = 8 * p
     elif optimizer == "twa":
@@ -148,10 +153,11 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
 
 
-def min_ranks(cfg: dict, optimizer: str, n: int = 8, bits: int = 4) -> int:
-    """The fewest 80 GB ranks whose state fits with a fifth of the memory left for activations."""
+def min_ranks(cfg: dict, optimizer: str, n: int = 8, bits: int = 4, weights: str = "fp32") -> int:
+    """The fewest 80 GB ranks (a power of two) whose state fits with a fifth of the memory left for
+    activations."""
     world = 1
-    while sum(state_bytes(cfg, optimizer, world, n, bits).values()) > 0.8 * H100_BYTES:
+    while sum(state_bytes(cfg, optimizer, world, n, bits, weights=weights).values()) > 0.8 * H100_BYTES:
         world *= 2
     return world
 
@@ -179,11 +185,17 @@ def plan_markdown(measured: dict | None = None, world: int = 8) -> str:
                 rows.append([f"TWA n={n}", bits, _gb(t["weights"]), _gb(t["gradients"]),
                              f"{t['optimizer_state'] / 1e6:.2f} MB", _gb(t["projection"]), _gb(total),
                              "yes" if total <= 0.8 * H100_BYTES else "no", min_ranks(cfg, "twa", n, bits)])
+        for bits in (2, 4):
+            t = state_bytes(cfg, "twa", world, 8, bits, weights="bf16")
+            total = sum(t.values())
+            rows.append(["TWA n=8, bf16 weights + bf16 residue", bits, _gb(t["weights"] + t["residue"]),
+                         _gb(t["gradients"]), f"{t['optimizer_state'] / 1e6:.2f} MB", _gb(t["projection"]), _gb(total),
+                         "yes" if total <= 0.8 * H100_BYTES else "no", min_ranks(cfg, "twa", 8, bits, "bf16")])
         coll = fsdp_collective_bytes(cfg, param_bytes=2, grad_bytes=4, n=8)
         over = {(n, b): step_overhead(cfg, n, b, world, fraction, bandwidth) for n in (8, 16, 32) for b in (4, 8)}
         lines += [f"## {name}: {parameter_count(cfg) / 1e9:.2f}B parameters, {layer_count(cfg)} TWA layers", "",
                   markdown_table(["optimizer", "bits", "weights GB", "gradients GB", "optimizer state", "P̃ GB",
-                                  "state GB / rank", f"fits {world} × 80 GB (≤ 80 %)", "fewest ranks"], rows),
+                                  "state GB / rank", f"fits {world} × 80 GB (≤ 80 %)", "fewest ranks (power of 2)"], rows),
                   f"Collectives per step and rank (payload): all-gather {_gb(coll['all_gather'])} GB, reduce-scatter "
                   f"{_gb(coll['reduce_scatter'])} GB (the same for AdamW and TWA), TWA's all-reduce "
                   f"{coll['all_reduce'] / 1e3:.1f} kB (n = 8).", "",
@@ -194,6 +206,7 @@ def plan_markdown(measured: dict | None = None, world: int = 8) -> str:
                                  [[n, b, f"{o['projection_s'] * 1e3:.1f}", f"{o['compute_s'] * 1e3:.0f}",
                                    f"{100 * o['overhead']:.1f} %"] for (n, b), o in over.items()])]
     lines += [f"Kernel bandwidth: {100 * fraction:.0f} % of the measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
-              f"from {where}. Activations are not in the state columns: they depend on the batch and on "
+              f"from {where} (a projection at n = 60; at n = 8 the kernel reads fewer columns per element, so "
+              "this fraction is an assumption until a GPU run measures n = 8). Activations are not in the state columns: they depend on the batch and on "
               "activation checkpointing, and are the same for both optimizers.", ""]
     return "\n".join(lines)

@@ -212,3 +212,20 @@ def test_wsd_quick(tmp_path):
                 for k in (5, 10, 20)} <= set(res)
     assert "TWA-v from the centre, step decay" in data["step_protocol"][0]
     assert (tmp_path / "wsd_quick_cpu.png").stat().st_size > 0
+
+
+def test_scale_quick(tmp_path):
+    # every phase of the 1B scale run on a tiny Llama: AdamW checkpoints as sharded bf16 HF folders,
+    # twa average, twa fit (streamed build, TWA-v, the written folder loads), FSDP2 world 2 over gloo
+    out = run("-m", "benchmarks.scale", "--quick", "--out-dir", str(tmp_path), timeout=600)
+    data = json.loads((tmp_path / "scale_quick_cpu.json").read_text())
+    from benchmarks.scale_plan import parameter_count
+
+    assert data["params"] == parameter_count(data["model"])
+    assert data["twa_steps"] == data["run"]["twa_steps"] and data["fit"]["output_loads"]
+    assert all(v > 0 for v in data["peak_rss_bytes"].values())
+    assert len(data["fsdp"]["ranks"]) == 2 and "fsdp_failed" not in data
+    assert data["fit"]["eval_loss"]["twa"] < data["fit"]["eval_loss"]["start"]  # the learned merge moved downhill
+    for name in ("scale_quick_cpu.md", "scale_quick_cpu.png", "scale_quick_plan.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "eval loss" in out

@@ -46,6 +46,9 @@ def test_memory_formulas_add_up():
     assert "center" not in twa and "center" in sp.state_bytes(cfg, "twa", center_on_device=True)
     with pytest.raises(ValueError, match="adamw"):
         sp.state_bytes(cfg, "sgd")
+    with pytest.raises(ValueError, match="for TWA"):
+        sp.state_bytes(cfg, "adamw", weights="bf16")
+    assert sum(sp.state_bytes(cfg, "twa", n=8, bits=4, weights="bf16").values()) < sum(twa.values()) * 8
     # more columns or bits never need fewer ranks
     assert sp.min_ranks(cfg, "twa", 8, 4) <= sp.min_ranks(cfg, "twa", 32, 8)
 

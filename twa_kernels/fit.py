@@ -207,7 +207,7 @@ def train_step(model, opt, rows, device) -> dict:
     t3 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     split = _projection_seconds(prof)
-    return {"loss": float(loss), "forward_s": t1 - t0, "backward_s": t2 - t1, **split,
+    return {"loss": float(loss.detach()), "forward_s": t1 - t0, "backward_s": t2 - t1, **split,
             "rule_s": max(0.0, (t3 - t2) - split["project_s"] - split["apply_s"]), "step_s": t3 - t0}
 
 
