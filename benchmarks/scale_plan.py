@@ -195,7 +195,8 @@ def plan_markdown(measured: dict | None = None, world: int = 8) -> str:
         over = {(n, b): step_overhead(cfg, n, b, world, fraction, bandwidth) for n in (8, 16, 32) for b in (4, 8)}
         lines += [f"## {name}: {parameter_count(cfg) / 1e9:.2f}B parameters, {layer_count(cfg)} TWA layers", "",
                   markdown_table(["optimizer", "bits", "weights GB", "gradients GB", "optimizer state", "P̃ GB",
-                                  "state GB / rank", f"fits {world} × 80 GB (≤ 80 %)", "fewest ranks (power of 2)"], rows),
+                                  "state GB / rank", f"fits {world} × 80 GB (≤ 80 %)", "fewest ranks (power of 2)"],
+                                 rows),
                   f"Collectives per step and rank (payload): all-gather {_gb(coll['all_gather'])} GB, reduce-scatter "
                   f"{_gb(coll['reduce_scatter'])} GB (the same for AdamW and TWA), TWA's all-reduce "
                   f"{coll['all_reduce'] / 1e3:.1f} kB (n = 8).", "",
@@ -207,6 +208,7 @@ def plan_markdown(measured: dict | None = None, world: int = 8) -> str:
                                    f"{100 * o['overhead']:.1f} %"] for (n, b), o in over.items()])]
     lines += [f"Kernel bandwidth: {100 * fraction:.0f} % of the measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
               f"from {where} (a projection at n = 60; at n = 8 the kernel reads fewer columns per element, so "
-              "this fraction is an assumption until a GPU run measures n = 8). Activations are not in the state columns: they depend on the batch and on "
-              "activation checkpointing, and are the same for both optimizers.", ""]
+              "this fraction is an assumption until a GPU run measures n = 8). Activations are not in the state "
+              "columns: they depend on the batch and on activation checkpointing, and are the same for both "
+              "optimizers.", ""]
     return "\n".join(lines)

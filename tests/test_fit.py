@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+import twa_kernels as twa
+
 pytest.importorskip("transformers")
 
 from benchmarks.scale import QUICK_MODEL, corpus_text, llama_config, save_bf16_folder  # noqa: E402
@@ -67,6 +69,7 @@ def test_fit_writes_a_loadable_folder_whose_loss_is_the_one_reported(run, tmp_pa
     assert [digest(f) for f in folders] == before  # the inputs are only read
     rep = json.loads(report.read_text())
     assert rep["twa_steps"] == STEPS and len(rep["steps"]) == STEPS and rep["n"] == 3
+    assert rep["backend"] == twa.backends.resolve_backend("auto", "cpu") and f"kernels: {rep['backend']}" in line
     assert rep["params"] == sum(p.numel() for p in load_model(folders[-1], torch.float32, "cpu").parameters())
     for step in rep["steps"]:
         for key in ("forward_s", "backward_s", "project_s", "apply_s", "rule_s"):

@@ -275,6 +275,7 @@ def fit_causal_lm(checkpoints, text_path, output, *, split="val", bits=4, steps=
             json.dump(alphas, f, indent=1)
     return {"checkpoints": checkpoints, "output": os.fspath(output), "params": params, "n": len(checkpoints),
             "bits": bits, "split": split, "twa_steps": len(log), "lr": opt.param_groups[0]["lr"],
+            "backend": opt.backend,
             "context": context, "batch": batch, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "tokens": {k: len(v) for k, v in parts.items()}, "eval_windows": min(len(parts["eval"]) - 1,
                                                                                    eval_tokens) // context,
@@ -288,5 +289,6 @@ def summary(report: dict) -> str:
     mode = "TWA-v" if report["split"] == "val" else "TWA-t"
     return (f"eval loss on {report['eval_windows']} held-out windows: last {s['last']:.4f} · uniform "
             f"{s['uniform']:.4f} · TWA {s['start']:.4f} → {s['twa']:.4f} ({mode}, {report['twa_steps']} steps, "
-            f"{report['bits']}-bit, n={report['n']}; {'better' if gain > 0 else 'worse'} than the {best} by "
+            f"{report['bits']}-bit, n={report['n']}, kernels: {report['backend']}; "
+            f"{'better' if gain > 0 else 'worse'} than the {best} by "
             f"{abs(gain):.4f} nats = {abs(gain) / math.log(2):.4f} bits/token); wrote {report['output']}")
