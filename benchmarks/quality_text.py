@@ -54,11 +54,16 @@ SOUP_LRS = (1e-3, 3e-3)
 
 
 # ---------------------------------------------------------------------------------------------- data
-def corpus(limit=None):
-    """The text, its vocabulary, and the position split (recorded in the results)."""
+def corpus_text() -> str:
+    """The package's text: CPython's documentation topics, joined in sorted key order."""
     from pydoc_data.topics import topics
 
-    text = "".join(topics[k] for k in sorted(topics))
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def corpus(limit=None):
+    """The text, its vocabulary, and the position split (recorded in the results)."""
+    text = corpus_text()
     if limit is not None:
         text = text[:limit]
     vocab = sorted(set(text))

@@ -31,10 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import mean
 
 import torch
 
 from benchmarks.common import environment, markdown_table, save
+from benchmarks.quality_text import corpus_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ≈ TinyLlama's shape (hidden 2048, MLP 5632, 32 heads, 4 KV heads) with a byte vocabulary and 25 layers
@@ -51,12 +53,6 @@ QUICK_RUN = dict(n=4, warmup=2, every=2, lr=3e-3, context=32, batch=2, bits=4, t
                  fsdp_steps=2, shard_size="200KB")
 SIZES = {"full": (FULL_MODEL, FULL_RUN), "medium": (MEDIUM_MODEL, FULL_RUN), "quick": (QUICK_MODEL, QUICK_RUN)}
 HOLDOUT = 0.1  # twa fit's default: the checkpoints' run trains on the same first 90 % of the text
-
-
-def corpus_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "".join(topics[k] for k in sorted(topics))
 
 
 def llama_config(model: dict):
@@ -89,12 +85,12 @@ def save_bf16_folder(model, folder: str, shard_size: str) -> None:
 def phase_checkpoints(model_cfg: dict, run: dict, workdir: str) -> dict:
     from transformers import LlamaForCausalLM
 
-    from twa_kernels.fit import Phases, causal_loss, random_windows, split_text
+    from twa_kernels.fit import Phases, byte_ids, causal_loss, random_windows, split_text
 
     text = corpus_text()
     with open(os.path.join(workdir, "text.txt"), "w", encoding="utf-8") as f:
         f.write(text)
-    ids = split_text(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).long(), HOLDOUT)["train"]
+    ids = split_text(byte_ids(text), HOLDOUT)["train"]
     phases = Phases()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -206,7 +202,7 @@ def fsdp_worker(rank: int, world: int, init: str, folders: list[str], run: dict,
 
     import twa_kernels as twa
     from benchmarks.distributed import counted_collectives
-    from twa_kernels.fit import Phases, load_model, random_windows, split_text, train_step
+    from twa_kernels.fit import Phases, byte_ids, load_model, random_windows, split_text, train_step
 
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -220,7 +216,7 @@ def fsdp_worker(rank: int, world: int, init: str, folders: list[str], run: dict,
         space = twa.Subspace.from_checkpoints(model, folders, bits=run["bits"], progress=False)
         opt = twa.ProjectedAdamW(model.parameters(), space)
     with open(os.path.join(os.path.dirname(init), "text.txt"), encoding="utf-8") as f:
-        ids = split_text(torch.frombuffer(bytearray(f.read().encode()), dtype=torch.uint8).long(), HOLDOUT)["val"]
+        ids = split_text(byte_ids(f.read()), HOLDOUT)["val"]
     gen = torch.Generator().manual_seed(1000 + rank)
     log = []
     with phases("train"):
@@ -249,11 +245,6 @@ def phase_fsdp(folders: list[str], workdir: str, run: dict, world: int = 2) -> d
 
 
 # ---------------------------------------------------------------------------------------------- report
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def summarize(record: dict) -> dict:
     """The headline figures, per step (the first step of each loop is left out of the means: it warms up)."""
     adam = record["checkpoints"]["steps"][1:]

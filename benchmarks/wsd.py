@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import math
+import os
 import statistics
 import time
 

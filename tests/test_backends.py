@@ -56,7 +56,8 @@ def crossed(bits_widths, ns):
 
 def engines(proj, backend, device, segments=None):
     """The backend under test at default tiles, and with small tiles (many programs per layer); for
-    cpp also its vectorised kernel on small runs and its portable kernel alone."""
+    cpp also its vectorised kernel on small runs and its portable kernel alone. A backend registered
+    with no variant here is tested as ``make_engine`` builds it."""
     out = [make_engine(proj, device, backend, segments=segments)]
     if backend == "cuda_plane":  # one tile per program: more programs per layer
         from twa_kernels.backends.cuda_plane import CudaPlaneEngine
@@ -67,7 +68,7 @@ def engines(proj, backend, device, segments=None):
     elif backend == "triton_plane":  # tiles of 8 threads (256 rows at ≤ 4 bits), two tiles per program
         from twa_kernels.backends.triton_plane import TritonPlaneEngine
         out.append(TritonPlaneEngine(proj, torch.device(device), segments, threads=8, tiles_per_program=2))
-    else:
+    elif backend in ("cpp", "cuda"):
         from twa_kernels.backends.extension import ExtensionEngine
         out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=48, vectorized=False))
         if device == "cpu":

@@ -12,9 +12,10 @@ import twa_kernels as twa
 
 pytest.importorskip("transformers")
 
-from benchmarks.scale import QUICK_MODEL, corpus_text, llama_config, save_bf16_folder  # noqa: E402
+from benchmarks.quality_text import corpus_text  # noqa: E402
+from benchmarks.scale import QUICK_MODEL, llama_config, save_bf16_folder  # noqa: E402
 from twa_kernels.cli import main  # noqa: E402
-from twa_kernels.fit import eval_loss, load_model, split_text  # noqa: E402
+from twa_kernels.fit import byte_ids, eval_loss, load_model, split_text  # noqa: E402
 
 CONTEXT, STEPS = 16, 4
 
@@ -29,7 +30,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     text = corpus_text()[:60000]
     (root / "text.txt").write_text(text, encoding="utf-8")
-    ids = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).long()
+    ids = byte_ids(text)
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(QUICK_MODEL))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -92,7 +93,7 @@ def test_fit_writes_a_loadable_folder_whose_loss_is_the_one_reported(run, tmp_pa
     with safe_open(str(out / shard), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     # The reported TWA loss is that of the written (bf16-rounded) weights, on the held-out eval part.
-    parts = split_text(torch.frombuffer(bytearray((root / "text.txt").read_bytes()), dtype=torch.uint8).long(), 0.1)
+    parts = split_text(byte_ids((root / "text.txt").read_text(encoding="utf-8")), 0.1)
     again = eval_loss(model.eval(), parts["eval"], CONTEXT, 2, 512, "cpu")
     assert again == pytest.approx(rep["eval_loss"]["twa"], rel=1e-5)
     last = eval_loss(load_model(folders[-1], torch.float32, "cpu").eval(), parts["eval"], CONTEXT, 2, 512, "cpu")

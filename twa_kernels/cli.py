@@ -29,7 +29,7 @@ from .backends import backend_report, format_backend_report
 from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
 from .checkpoints import label, open_checkpoint
 from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
-from .hf_output import hf_weights_file, write_model
+from .hf_output import check_new_output, hf_weights_file, write_model
 from .optim import twa_state
 from .packing import SUPPORTED_BITS
 from .quantize import SCALE_MODES
@@ -127,14 +127,11 @@ def _average(args) -> int:
     if len(inputs) < 2:
         raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
     weights = _weights(args, len(inputs))
-    sources = open_matching(inputs, trusted=args.trusted)
-    keys = list(sources[0].keys())
     hf = all(hf_weights_file(p) is not None for p in inputs)
     out = os.fspath(args.output)
-    if not hf and not out.endswith(".safetensors"):
-        raise UsageError(f"the output of averaging checkpoint files is a .safetensors file, not {out}")
-    if hf and os.path.exists(out):
-        raise UsageError(f"{out} exists: give a new folder for the averaged model")
+    check_new_output(out, folder=hf, what="averaged model")
+    sources = open_matching(inputs, trusted=args.trusted)
+    keys = list(sources[0].keys())
     write_model(out, keys, lambda k: average_tensor(sources, weights, k), like=inputs[-1] if hf else None,
                 desc=f"averaging {len(inputs)} checkpoints", progress=False if args.quiet else None)
     used = ", ".join(f"{os.path.basename(os.path.normpath(p))} × {w:.6g}" for p, w in zip(inputs, weights))

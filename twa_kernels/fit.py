@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .baselines import average_tensor, open_matching
-from .hf_output import hf_weights_file, write_model
+from .hf_output import check_new_output, hf_weights_file, write_model
 from .optim import ProjectedAdamW
 from .optim.base import APPLY_EVENT, PROJECT_EVENT
-from .subspace import Subspace
+from .subspace import ALPHAS_FILE, Subspace
 
-ALPHAS_FILE = "twa_alphas.json"
 SPLITS = ("val", "train")
 
 
@@ -99,9 +98,14 @@ class Phases:
 
 
 # ---------------------------------------------------------------------------------------------- text
+def byte_ids(text: str) -> torch.Tensor:
+    """The text's UTF-8 bytes as token ids (a byte-level model's tokenization)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
 def tokenize(text: str, tokenizer: str, last: str) -> torch.Tensor:
     if tokenizer == "bytes":
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        return byte_ids(text)
     from transformers import AutoTokenizer
 
     source = last if tokenizer == "auto" else tokenizer
@@ -131,10 +135,15 @@ def causal_loss(model, rows: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
+def eval_windows(num_tokens: int, context: int, max_tokens: int) -> int:
+    """How many consecutive windows of ``context`` predictions the first ``max_tokens`` tokens give."""
+    return min(num_tokens - 1, max_tokens) // context
+
+
 @torch.no_grad()
 def eval_loss(model, ids: torch.Tensor, context: int, batch: int, max_tokens: int, device) -> float:
     """Mean next-token loss (nats) over consecutive windows of the first ``max_tokens`` tokens of ``ids``."""
-    count = min(len(ids) - 1, max_tokens) // context
+    count = eval_windows(len(ids), context, max_tokens)
     if count < 1:
         raise ValueError(f"the eval text holds {len(ids)} tokens, fewer than one window of {context + 1}")
     rows = torch.stack([ids[i * context: i * context + context + 1] for i in range(count)])
@@ -225,8 +234,7 @@ def fit_causal_lm(checkpoints, text_path, output, *, split="val", bits=4, steps=
             raise ValueError(f"{c} is not a Hugging Face checkpoint folder (no model.safetensors or index)")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if os.path.exists(output):
-        raise ValueError(f"{output} exists: give a new folder for the merged model")
+    check_new_output(os.fspath(output), folder=True, what="merged model")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,8 +285,8 @@ def fit_causal_lm(checkpoints, text_path, output, *, split="val", bits=4, steps=
             "bits": bits, "split": split, "twa_steps": len(log), "lr": opt.param_groups[0]["lr"],
             "backend": opt.backend,
             "context": context, "batch": batch, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "tokens": {k: len(v) for k, v in parts.items()}, "eval_windows": min(len(parts["eval"]) - 1,
-                                                                                   eval_tokens) // context,
+            "tokens": {k: len(v) for k, v in parts.items()},
+            "eval_windows": eval_windows(len(parts["eval"]), context, eval_tokens),
             "eval_loss": scores, "subspace_bytes": space.nbytes, "phases": phases.record, "steps": log}
 
 

@@ -46,6 +46,15 @@ def output_groups(like: str, keys: Sequence[str]) -> tuple[list[tuple[str, list[
     return [("model.safetensors", list(keys))], None
 
 
+def check_new_output(out: str, folder: bool, what: str = "model") -> None:
+    """Refuse, before any work, an output ``write_model`` could not write: an existing path for a
+    folder, a name that is not ``.safetensors`` for a file."""
+    if folder and os.path.exists(out):
+        raise ValueError(f"{out} exists: give a new folder for the {what}")
+    if not folder and not out.endswith(".safetensors"):
+        raise ValueError(f"the {what} of checkpoint files is written as a .safetensors file, not {out}")
+
+
 def _copy_configs(source: str, staging: str) -> None:
     """Config, tokenizer and generation config of ``source`` (not its weights, index or run state)."""
     for name in os.listdir(source):
@@ -61,14 +70,11 @@ def write_model(out: str, keys: Sequence[str], tensor: Callable[[str], torch.Ten
     ``like`` (its configs copied), or, with ``like=None``, the one ``.safetensors`` file ``out``.
     Tensors are made one at a time and a shard is held only until it is written."""
     out = os.fspath(out)
+    check_new_output(out, folder=like is not None)
     folder = os.path.dirname(os.path.abspath(out)) or "."
     if like is not None:
-        if os.path.exists(out):
-            raise ValueError(f"{out} exists: give a new folder for the model")
         groups, index_name = output_groups(like, keys)
     else:
-        if not out.endswith(".safetensors"):
-            raise ValueError(f"the output is a .safetensors file, not {out}")
         groups, index_name = [(os.path.basename(out), list(keys))], None
     remove_stale_temporaries(folder)
     staging = tempfile.mkdtemp(prefix=temporary_prefix(), dir=folder)

@@ -27,6 +27,8 @@ DECOUPLE_MODES = ("center", "gram_schmidt", "none")
 # checkpoints from their centre (so one step moves every layer by the same fraction of its own spread,
 # whatever its size), "paper" one unit of weight space along a unit-norm column of P (Algorithm 1).
 COORDINATES = ("spread", "paper")
+# Where the integrations and `twa fit` write α by parameter name (:meth:`Subspace.named_alphas`).
+ALPHAS_FILE = "twa_alphas.json"
 LAYER_MODES = ("param", "model")
 NON_TRAINABLE_MODES = ("checkpoints", "model")
 def _choose(value, allowed, what):

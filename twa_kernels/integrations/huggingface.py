@@ -29,8 +29,7 @@ import re
 from transformers import TrainerCallback
 
 from ..optim import ProjectedOptimizer
-
-ALPHAS_FILE = "twa_alphas.json"
+from ..subspace import ALPHAS_FILE
 
 
 def checkpoint_folders(output_dir) -> list[str]:

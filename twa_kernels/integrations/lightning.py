@@ -26,9 +26,7 @@ from safetensors.torch import save_file
 
 from ..baselines import update_bn
 from ..optim import ProjectedSGD
-from ..subspace import Subspace, trainable_parameters
-
-ALPHAS_FILE = "twa_alphas.json"
+from ..subspace import ALPHAS_FILE, Subspace, trainable_parameters
 
 
 class TWA(Callback):
