@@ -26,7 +26,7 @@ from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
 
 def candidates(proj, device, dry_run=False):
     """The variants timed; a dry run (interpreter) takes one small one, since it only checks the script."""
-    from twa_kernels.backends.triton_kernels import TritonEngine
+    from twa_kernels.backends.rows.triton_kernels import TritonEngine
 
     from twa_kernels.backends import REGISTRY
     from twa_kernels.backends.measured import DEFAULT_SUFFIX
@@ -41,7 +41,7 @@ def candidates(proj, device, dry_run=False):
         def make(tile=tile, warps=warps, tiles=tiles):
             return TritonEngine(proj, device, tile_codes=tile, num_warps=warps, tiles_per_program=tiles)
         out.append((f"triton tile={tile} warps={warps} tiles/program={tiles}", make, None))
-    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
 
     # v2 kernels on the plane layout (not yet GPU-measured): warps per tile, tiles per program, column block
     plane = [(1, 2, 8)] if dry_run else [(4, 2, 8), (4, 4, 8), (4, 1, 8), (8, 2, 8), (4, 2, 4), (4, 2, 16)]
@@ -51,7 +51,7 @@ def candidates(proj, device, dry_run=False):
         out.append((f"triton_plane warps={warps} tiles/program={tiles} column block={jb}", make, None))
     if "cuda" in runs:
         # the v2 CUDA kernels on the plane layout (not yet GPU-measured): tiles per program
-        from twa_kernels.backends.cuda_plane import CudaPlaneEngine
+        from twa_kernels.backends.plane.cuda_engine import CudaPlaneEngine
 
         for tiles in (2, 4, 1):
             out.append((f"cuda_plane tiles/program={tiles}",

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import (announce_backends, copy_bandwidth, environment, markdown_table, median, pick_device,
                                save, time_fn)
 from twa_kernels.backends import available_backends, make_engine
-from twa_kernels.backends.extension import ExtensionEngine
+from twa_kernels.backends.rows.extension_engine import ExtensionEngine
 from twa_kernels.testing import layer_sizes_like_a_cnn, random_projection
 
 

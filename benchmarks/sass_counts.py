@@ -124,8 +124,8 @@ def count(backend, kernel, bits, cubin, codes, workdir, name=None, check_ffma=Fa
 
 
 def triton_counts(n: int, workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
-    from twa_kernels.backends.triton_kernels import TritonEngine
-    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    from twa_kernels.backends.rows.triton_kernels import TritonEngine
+    from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
 
     out = []
     L = len(SIZES)
@@ -156,7 +156,7 @@ def cuda_counts(workdir: str, widths=(1, 2, 4, 8)) -> list[LoopCount]:
     if nvcc is None:
         return []
     out = []
-    for source in sorted((ROOT / "csrc").glob("twa_cuda*.cu")):
+    for source in sorted((ROOT / "csrc").glob("*/twa_cuda*.cu")):
         cubin_path = os.path.join(workdir, source.stem + ".cubin")
         subprocess.run([nvcc, "-O3", f"-arch=sm_{ARCH}", "-cubin", "-I", str(ROOT / "csrc"), str(source), "-o",
                         cubin_path], check=True, capture_output=True)

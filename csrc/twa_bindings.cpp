@@ -3,7 +3,7 @@
 
 #include <tuple>
 
-#include "twa_cpu_periods.h"
+#include "rows/twa_cpu_periods.h"
 #include "twa_tables.h"
 
 namespace twa {

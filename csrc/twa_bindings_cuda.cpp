@@ -4,7 +4,7 @@
 
 #include <tuple>
 
-#include "twa_plane.h"
+#include "plane/twa_plane.h"
 #include "twa_tables.h"
 
 namespace twa {
@@ -47,7 +47,7 @@ void expand(const pybind11::object& tables, const torch::Tensor& weight_addr, at
               s.data_ptr<float>(), dev);
 }
 
-// The tables of twa_kernels.backends.plane_layout.PlaneTables, checked against each other; n_pad, the row
+// The tables of twa_kernels.backends.plane.layout.PlaneTables, checked against each other; n_pad, the row
 // length of project's partial buffers, is n rounded up to the kernels' column block.
 plane::PlaneTables make_plane_tables(const pybind11::object& tb, const torch::Device& dev) {
   const pybind11::object plane = tb.attr("plane");

@@ -3,10 +3,11 @@
 // Layout (twa_kernels/packing.py defines it): per layer a row-major stream of codes (code k = row * n +
 // col) in little-endian 32-bit words, first code in the lowest bits; layer l starts at word word_off[l].
 //
-// Contract (twa_kernels/backends/contract.py, KernelTables): the vectors are lists of segments, the
-// consecutive pieces of each layer's rows, found through a table of their addresses; a program owns
-// at most rows_per_program rows of one segment. Kernels see codes only: project returns qᵀg and Σg
-// per layer, expand adds q·u + s to every row (u = scale∘Δβ, s = Σ zero∘Δβ: the engine's fold).
+// Contract (twa_kernels/backends/contract.py; the rows family's KernelTables in backends/rows/engine.py):
+// the vectors are lists of segments, the consecutive pieces of each layer's rows, found through a table
+// of their addresses; a rows program owns at most rows_per_program rows of one segment. The rows kernels
+// (rows/) see codes only: project returns qᵀg and Σg per layer, expand adds q·u + s to every row
+// (u = scale∘Δβ, s = Σ zero∘Δβ: the engine's fold). The plane kernels (plane/) fold in their reduce.
 #pragma once
 #include <cstdint>
 

@@ -17,6 +17,6 @@ if "TRITON_INTERPRET" not in os.environ:
     import torch
 
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
-assert "twa_kernels.backends.triton_kernels" not in sys.modules
+assert "twa_kernels.backends.triton_common" not in sys.modules
 
 sys.path.insert(0, os.path.dirname(__file__))

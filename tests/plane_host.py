@@ -1,4 +1,4 @@
-"""The host build of the cuda_plane kernels (tests/csrc/plane_host.cpp over csrc/twa_plane.h), behind
+"""The host build of the cuda_plane kernels (tests/csrc/plane_host.cpp over csrc/plane/twa_plane.h), behind
 the interface of ``_C_cuda``'s plane entry points, so that ``CudaPlaneEngine`` runs on the CPU in tests.
 
 Compiled once per source content with the system C++ compiler (no torch headers: seconds), into a
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from twa_kernels.backends.cuda_plane import COLUMN_BLOCK
+from twa_kernels.backends.plane.cuda_engine import COLUMN_BLOCK
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "tests" / "csrc" / "plane_host.cpp", ROOT / "csrc" / "twa_plane.h", ROOT / "csrc" / "twa_layout.h"]
+SOURCES = [ROOT / "tests" / "csrc" / "plane_host.cpp", ROOT / "csrc" / "plane" / "twa_plane.h", ROOT / "csrc" / "twa_layout.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # tiles of 8 or 128 threads (plane_host.cpp's dispatch)
 
 _POINTERS = ("words", "word_off", "full_tiles", "tail_words", "seg_layer", "seg_row", "seg_size", "prog_seg",
@@ -29,7 +29,7 @@ _POINTERS = ("words", "word_off", "full_tiles", "tail_words", "seg_layer", "seg_
 
 
 class _Tables(ctypes.Structure):
-    """csrc/twa_plane.h's PlaneTables."""
+    """csrc/plane/twa_plane.h's PlaneTables."""
     _fields_ = [(name, ctypes.c_void_p) for name in _POINTERS] + [
         ("num_programs", ctypes.c_int64), ("num_layers", ctypes.c_int64), ("num_segments", ctypes.c_int64),
         ("n", ctypes.c_int), ("n_pad", ctypes.c_int), ("bits", ctypes.c_int), ("threads", ctypes.c_int)]

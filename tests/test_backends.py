@@ -60,16 +60,16 @@ def engines(proj, backend, device, segments=None):
     with no variant here is tested as ``make_engine`` builds it."""
     out = [make_engine(proj, device, backend, segments=segments)]
     if backend == "cuda_plane":  # one tile per program: more programs per layer
-        from twa_kernels.backends.cuda_plane import CudaPlaneEngine
+        from twa_kernels.backends.plane.cuda_engine import CudaPlaneEngine
         out.append(CudaPlaneEngine(proj, torch.device(device), segments, tiles_per_program=1))
     elif backend == "triton":
-        from twa_kernels.backends.triton_kernels import TritonEngine
+        from twa_kernels.backends.rows.triton_kernels import TritonEngine
         out.append(TritonEngine(proj, torch.device(device), segments, block_rows=16, rows_per_program=48))
     elif backend == "triton_plane":  # tiles of 8 threads (256 rows at ≤ 4 bits), two tiles per program
-        from twa_kernels.backends.triton_plane import TritonPlaneEngine
+        from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
         out.append(TritonPlaneEngine(proj, torch.device(device), segments, threads=8, tiles_per_program=2))
     elif backend in ("cpp", "cuda"):
-        from twa_kernels.backends.extension import ExtensionEngine
+        from twa_kernels.backends.rows.extension_engine import ExtensionEngine
         out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=48, vectorized=False))
         if device == "cpu":
             out.append(ExtensionEngine(proj, torch.device(device), segments, rows_per_program=cpp_small_run(proj)))
@@ -203,7 +203,7 @@ def test_auto_picks_triton_on_cuda_only():
 def test_triton_column_windows_pad_little(n_slots, expected):
     # Slots per window: n = 60 at 4 bits (8 slots) is one window; n = 300 at 4 bits (38 slots) is five
     # windows of 8, 40 slots instead of the 64 a single power-of-two window would take.
-    from twa_kernels.backends.triton_kernels import window_slots
+    from twa_kernels.backends.rows.triton_kernels import window_slots
 
     s = window_slots(n_slots)
     assert s == expected
@@ -220,7 +220,8 @@ CPP = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp una
 def test_cpp_vectorised_kernel_exact(bits, n):
     # n = 8: every vector of 8 codes is one whole row; n = 9, 10, 31: vectors cross rows at every
     # offset; n = 300 at 1 bit: 8 rows per period. Sizes leave rows after the last whole period.
-    from twa_kernels.backends.extension import ExtensionEngine, load
+    from twa_kernels.backends.extension import load
+    from twa_kernels.backends.rows.extension_engine import ExtensionEngine
 
     period = load().period_rows(n, bits)
     sizes = (1, period - 1 or 1, 3 * period + 1, 21 * period + period // 2, 7)
@@ -232,7 +233,8 @@ def test_cpp_vectorised_kernel_exact(bits, n):
 
 @CPP
 def test_cpp_falls_back_to_portable_where_vectors_do_not_fit():
-    from twa_kernels.backends.extension import ExtensionEngine, load
+    from twa_kernels.backends.extension import load
+    from twa_kernels.backends.rows.extension_engine import ExtensionEngine
 
     proj = random_projection(EDGE_SIZES, 7, 4, seed=1)  # n < 8: a vector would hold codes of 3 rows
     assert not ExtensionEngine(proj, torch.device("cpu")).vectorized

@@ -1,4 +1,4 @@
-"""The cuda_plane kernels' per-thread code (csrc/twa_plane.h) against the torch reference, through the
+"""The cuda_plane kernels' per-thread code (csrc/plane/twa_plane.h) against the torch reference, through the
 host build (tests/plane_host.py) and the real engine (CudaPlaneEngine: plane words, tables, address
 tables): every bit width crossed with n = 1, 3 and 17, layers that are not whole tiles and one-row
 layers, many whole tiles, segment boundaries inside tiles, misaligned segments, bf16 gradients and
@@ -11,7 +11,7 @@ import torch
 from backend_cases import EDGE_SIZES, assert_same_bits, exact_vectors, float_case, random_projection
 from plane_host import HostPlaneKernels, compiler
 from twa_kernels.backends.contract import Segments
-from twa_kernels.backends.cuda_plane import CudaPlaneEngine
+from twa_kernels.backends.plane.cuda_engine import CudaPlaneEngine
 from twa_kernels.backends.torch_ref import TorchEngine
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler for the host build")

@@ -94,7 +94,7 @@ def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
     import sys
     from pathlib import Path
 
-    from twa_kernels.backends.triton_kernels import TritonEngine
+    from twa_kernels.backends.rows.triton_kernels import TritonEngine
     sys.path.insert(0, str(Path(__file__).parent))
     from triton_aot import N, SIZES
 
@@ -113,7 +113,7 @@ def test_aot_cubins_are_what_a_launch_compiles(tmp_path):
     t, gsum = torch.empty(len(SIZES), N, device="cuda"), torch.empty(len(SIZES), device="cuda")
     project = eng.project_launches(addresses, torch.float32, t, gsum)[0]
     (expand,) = eng.expand_launches(addresses, torch.float32, None, gsum)
-    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
     plane = TritonPlaneEngine(random_projection(SIZES, N, 4), torch.device("cuda"))
     plane.project(g)
     plane.expand(g.clone(), torch.zeros(len(SIZES), N, device="cuda"))

@@ -67,3 +67,48 @@ def test_the_import_graph_has_no_circle():
     assert "twa_kernels.construction" in edges and edges["twa_kernels.subspace"]
     found = cycle(edges)
     assert found is None, " -> ".join(found)
+
+
+# The package's layers, lowest first: a module may import its own layer and the ones below, never above.
+LAYERS = (
+    ("packing", "quantize", "checkpoints", "distributed", "decay", "baselines", "hf_output"),
+    ("backends",),
+    ("placement",),
+    ("parts",),
+    ("construction", "storage"),
+    ("subspace",),
+    ("optim",),
+    ("integrations", "fit", "testing"),
+    ("cli", "__main__", ""),
+)
+LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
+
+
+def unit(module: str) -> str:
+    """The top-level module or subpackage of twa_kernels a module belongs to ("" for the package)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_no_import_runs_up_a_layer():
+    edges = graph()
+    placed = {unit(m) for m in edges}
+    assert placed <= set(LAYER_OF), f"place these in LAYERS: {sorted(placed - set(LAYER_OF))}"
+    upward = [f"{a} -> {b}" for a, targets in edges.items() for b in targets
+              if LAYER_OF[unit(b)] > LAYER_OF[unit(a)]]
+    assert not upward, "imports that run up a layer: " + "; ".join(sorted(upward))
+
+
+def test_the_kernel_families_stand_apart():
+    """backends/rows and backends/plane never import each other; only the registry imports them, and
+    the shared pieces (contract, triton_common, extension…) import neither."""
+    edges = graph()
+    families = ("twa_kernels.backends.rows", "twa_kernels.backends.plane")
+
+    def family(m):
+        return next((f for f in families if m == f or m.startswith(f + ".")), None)
+
+    crossing = [f"{a} -> {b}" for a, targets in edges.items() for b in targets
+                if family(b) and family(a) != family(b) and a != "twa_kernels.backends.registry"]
+    assert not crossing, "; ".join(sorted(crossing))
+    assert {"twa_kernels.backends.rows.triton_kernels", "twa_kernels.backends.plane.triton_kernels"} <= set(edges)

@@ -1,5 +1,5 @@
-"""The plane layout's geometry is written twice, in Python (``backends/plane_layout.py``, which lays the
-words out) and in C++ (``csrc/twa_plane.h``'s ``Geometry``, which reads them): a program compiled from
+"""The plane layout's geometry is written twice, in Python (``backends/plane/layout.py``, which lays the
+words out) and in C++ (``csrc/plane/twa_plane.h``'s ``Geometry``, which reads them): a program compiled from
 the header prints its constants, and they must be Python's for every bit width."""
 
 import subprocess
@@ -7,12 +7,12 @@ import subprocess
 import pytest
 
 from plane_host import ROOT, compiler
-from twa_kernels.backends.plane_layout import words_per_load
+from twa_kernels.backends.plane.layout import words_per_load
 from twa_kernels.packing import SUPPORTED_BITS, codes_per_word
 
 PROGRAM = r"""
 #include <cstdio>
-#include "twa_plane.h"
+#include "plane/twa_plane.h"
 template <int B> void row() { std::printf("%d %d %d\n", B, twa::plane::Geometry<B, 1>::E, twa::plane::Geometry<B, 1>::V); }
 int main() { row<1>(); row<2>(); row<4>(); row<8>(); return 0; }
 """

@@ -13,7 +13,7 @@ from backend_cases import EDGE_SIZES, exact_vectors, random_projection  # noqa: 
 from backend_cases import assert_same_bits as same_bits  # noqa: E402
 from twa_kernels.backends import make_engine  # noqa: E402
 from twa_kernels.backends.contract import Segments  # noqa: E402
-from twa_kernels.backends.plane_layout import PlaneLayout  # noqa: E402
+from twa_kernels.backends.plane.layout import PlaneLayout  # noqa: E402
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 # In the interpreter on the CPU; on a GPU (tests/test_gpu.py's run, TRITON_INTERPRET unset) on CUDA.
@@ -30,7 +30,7 @@ def on(x):
 def plane_engines(proj, segments=None, small_only=False):
     """Default tiles (one partial tile per layer here) and tiles of 8 threads (256 rows at ≤ 4 bits:
     layers of several whole tiles, two tiles per program)."""
-    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
     small = TritonPlaneEngine(proj, torch.device(DEVICE), segments, threads=8, tiles_per_program=2)
     return [small] if small_only else [make_engine(proj, DEVICE, "triton_plane", segments=segments), small]
 

@@ -20,7 +20,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
-from twa_kernels.backends import triton_kernels as tk  # noqa: E402
+from twa_kernels.backends.rows import triton_kernels as tk  # noqa: E402
 from twa_kernels.backends.aot import compile_launch  # noqa: E402
 from twa_kernels.testing import random_projection  # noqa: E402
 
@@ -52,7 +52,7 @@ def variants():
 
 def plane_variants():
     """The v2 plane kernels at 4 bits: project (fp32), expand (fp32, bf16 + Kahan), the reduction."""
-    from twa_kernels.backends.triton_plane import TritonPlaneEngine
+    from twa_kernels.backends.plane.triton_kernels import TritonPlaneEngine
 
     eng = TritonPlaneEngine(random_projection(SIZES, N, 4), torch.device("cpu"))
     L = len(SIZES)

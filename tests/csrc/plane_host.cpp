@@ -1,4 +1,4 @@
-// The host build of the cuda_plane kernels (csrc/twa_plane.h), for tests on a machine without a GPU:
+// The host build of the cuda_plane kernels (csrc/plane/twa_plane.h), for tests on a machine without a GPU:
 // each block's threads run one after another, and the block and layer reductions add in the GPU's
 // order (butterfly within a warp, then the warps in order; kReduceLanes program lanes, then the lanes
 // in order), so the index arithmetic, the bit tricks and the edge handling are the GPU's own.
@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "twa_plane.h"
+#include "plane/twa_plane.h"
 
 namespace twa {
 namespace plane {

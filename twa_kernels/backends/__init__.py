@@ -6,18 +6,20 @@ An *engine* holds P̃ on one device and offers two operations over all layers at
 * ``expand(weights, delta, compensation=None)``: weights^l += P̃^l delta[l], in place.
 
 ``grads`` and ``weights`` are the parameters' own tensors, as a list of segments in layer order, or one
-flat vector of all layers (:mod:`.contract`: the kernel contract every packed backend shares). The backends form one
-registry (:data:`REGISTRY`, in :mod:`.registry`): each names the devices it runs on, how to tell whether it runs here (a
-probe that says why not, and the command that fixes it), and how to make its engine.
+flat vector of all layers (:mod:`.contract`: the protocol every engine implements and what they share).
+The backends form one registry (:data:`REGISTRY`, in :mod:`.registry`): each names the devices it runs
+on, how to tell whether it runs here (a probe that says why not, and the command that fixes it), and
+how to make its engine. The kernels come in two families, a folder each (``csrc/`` mirrors them):
 
 ================  ==========================================================================
-``triton``        fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``)
-``triton_plane``  the v2 Triton kernels on the plane device layout (:mod:`.triton_plane`);
+``triton``        rows family (:mod:`.rows`): fused Triton kernels (CUDA; on CPU only under
+                  ``TRITON_INTERPRET=1``)
+``cuda``          rows family: CUDA C++, extension module ``twa_kernels._C_cuda`` (``csrc/rows/``)
+``cpp``           rows family: CPU C++/OpenMP, extension module ``twa_kernels._C`` (``csrc/rows/``)
+``triton_plane``  plane family (:mod:`.plane`): the v2 Triton kernels on the plane device layout;
                   selectable, not yet taken by ``"auto"``: no GPU run has measured them
-``cuda``          CUDA C++ extension module ``twa_kernels._C_cuda`` from ``csrc/``
-``cuda_plane``    the v2 CUDA kernels on the plane layout (:mod:`.cuda_plane`, in ``_C_cuda``);
+``cuda_plane``    plane family: the v2 CUDA kernels (``csrc/plane/``, in ``_C_cuda``);
                   selectable, not yet taken by ``"auto"``: no GPU run has measured them
-``cpp``           CPU C++/OpenMP extension module ``twa_kernels._C`` from ``csrc/``
 ``torch``         the plain reference (dequantize a chunk, then matmul), any device
 ================  ==========================================================================
 

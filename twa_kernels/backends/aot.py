@@ -1,6 +1,6 @@
 """Compile the Triton kernels of an engine for a real GPU ahead of time, with no GPU present (Triton
 ships ptxas), exactly as a launch compiles them: through :meth:`triton.JITFunction.warmup` with the
-engine's own :class:`~.triton_kernels.Launch` objects, so the signature, the constants and the
+engine's own :class:`~.triton_common.Launch` objects, so the signature, the constants and the
 specialization (which pointers are 16-byte aligned, which integers divisible by 16) are the launch's.
 A stand-in driver tells Triton which GPU to compile for; nothing is launched.
 

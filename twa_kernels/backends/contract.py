@@ -1,6 +1,14 @@
-"""The contract between an engine and the kernels of the row-major packed backends (triton, cuda, cpp);
-the plane family (triton_plane, cuda_plane) shares its segments and address tables and has its own
-layout (:mod:`twa_kernels.backends.plane_layout`).
+"""The engine contract: the protocol every backend implements (:class:`Engine`) and what all of them
+share — the segments the vectors are cut into, the address tables that find them, and (for the kernel
+families) P̃'s scales and zeros on the device (:class:`KernelEngine`). Two kernel families build on it,
+each in its own folder with its Triton, CUDA and C++ glue (and ``csrc/`` mirrors them):
+
+* :mod:`.rows` — the row-major packed layout P̃ is saved in (``triton``, ``cuda``, ``cpp``);
+* :mod:`.plane` — the plane device layout, permuted once when P̃ goes to a GPU (``triton_plane``,
+  ``cuda_plane``).
+
+The torch reference (:mod:`.torch_ref`) and the dense fp32 engine (:mod:`.dense`) implement the
+protocol directly.
 
 **Segments.** The vectors an engine works on — the gradients it projects, the weights it updates —
 are not one flat buffer but the parameters' own tensors: a list of *segments*, the consecutive pieces
@@ -10,27 +18,26 @@ address in a small int64 table, so the user's parameters stay the user's tensors
 was cast or had its ``.data`` replaced only changes the addresses, never what is trained. A single
 flat tensor is accepted too (its segments are computed from its one address, no views are made).
 
-**Tables.** :class:`KernelTables` is the launch geometry every backend reads, by field name (the C++
-modules read the same names): the packed words, each layer's first word, the segments, and the
-*programs* — runs of at most ``rows_per_program`` rows of one segment, so no program straddles two
-segments or two layers. A program finds everything from three table loads, and per-layer reductions
-read the partials of ``[layer_prog[l], layer_prog[l + 1])`` in a fixed order: the same inputs give
-the same bits every run, with no float atomics.
+**Launch tables.** Each family builds its own from the segments (:class:`.rows.engine.KernelTables`,
+:class:`.plane.layout.PlaneTables`): runs of rows of one segment per program, so no program straddles
+two segments or two layers, and per-layer reductions read the programs' partials in a fixed order: the
+same inputs give the same bits every run, with no float atomics.
 
 **Where the affine fold c = scale·t + zero·Σg happens, per family** (the one place this is said):
 
-* row-major family (triton, cuda, cpp): here, in :class:`PackedEngine`, once for those backends. Kernels
-  see codes only: project returns ``t = qᵀg`` and ``Σg`` per layer and the engine forms
+* rows family (triton, cuda, cpp): in :class:`.rows.engine.RowsEngine`, once for those backends.
+  Kernels see codes only: project returns ``t = qᵀg`` and ``Σg`` per layer and the engine forms
   ``c = scale·t + zero·Σg``; expand takes ``u = scale∘Δβ`` and ``s = Σ_j zero_j Δβ_j`` per layer and
   adds ``q·u + s`` to every row;
 * plane family (triton_plane, cuda_plane): inside its reduce launch, which sums the programs' partial
-  rows of ``qᵀg`` in a fixed order and folds in the same launch; expand takes the same ``u`` and ``s``.
+  rows of ``qᵀg`` in a fixed order and folds in the same launch; expand forms ``u`` and ``s`` itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -85,54 +92,6 @@ class Segments:
     @property
     def numel(self) -> int:
         return sum(self.sizes)
-
-
-@dataclass(frozen=True)
-class KernelTables:
-    """The launch geometry of one engine (built once). Index tables are int64 on the engine's device."""
-
-    words: torch.Tensor  # int32 [W]: the packed codes (twa_kernels/packing.py)
-    word_off: torch.Tensor  # [L]: first word of each layer
-    seg_layer: torch.Tensor  # [S]: the layer of each segment
-    seg_row: torch.Tensor  # [S]: the segment's first row inside its layer
-    seg_size: torch.Tensor  # [S]: its rows
-    prog_seg: torch.Tensor  # [P]: the segment a program works on
-    prog_row: torch.Tensor  # [P]: the program's first row inside that segment
-    layer_prog: torch.Tensor  # [L + 1]: programs of layer l are [layer_prog[l], layer_prog[l + 1])
-    rows_per_program: int
-    n: int
-    bits: int
-
-    @classmethod
-    def build(cls, projection: PackedProjection, segments: Segments, rows_per_program: int,
-              device) -> "KernelTables":
-        lay = projection.layout
-        long = dict(dtype=torch.int64)
-        sizes = torch.tensor(segments.sizes, **long)
-        counts = (sizes + rows_per_program - 1) // rows_per_program
-        prog_seg = torch.repeat_interleave(torch.arange(segments.count, **long), counts)
-        seg_first = cumsum_from_zero(counts.tolist())
-        prog_row = (torch.arange(int(seg_first[-1]), **long) - seg_first[prog_seg]) * rows_per_program
-        per_layer = torch.zeros(lay.num_layers, **long)
-        per_layer.index_add_(0, torch.tensor(segments.layer, **long), counts)
-        layer_prog = cumsum_from_zero(per_layer.tolist())
-        to = lambda t: t.to(device)  # noqa: E731
-        return cls(words=to(projection.words), word_off=to(lay.word_offsets[:-1]),
-                   seg_layer=to(torch.tensor(segments.layer, **long)), seg_row=to(torch.tensor(segments.row, **long)),
-                   seg_size=to(sizes), prog_seg=to(prog_seg), prog_row=to(prog_row), layer_prog=to(layer_prog),
-                   rows_per_program=int(rows_per_program), n=lay.n, bits=lay.bits)
-
-    @property
-    def num_programs(self) -> int:
-        return self.prog_seg.numel()
-
-    @property
-    def num_layers(self) -> int:
-        return self.word_off.numel()
-
-    @property
-    def num_segments(self) -> int:
-        return self.seg_size.numel()
 
 
 class AddressTable:
@@ -236,39 +195,33 @@ def split_segments(x, segments: Segments) -> list[torch.Tensor]:
     return [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in x]
 
 
-class PackedEngine:
-    """What every packed backend shares: P̃'s scales and zeros on the device, the kernel tables, the
-    address tables, and the affine fold. A backend implements ``_project_codes`` and ``_expand_codes``."""
 
-    name = "packed"
 
-    def __init__(self, projection: PackedProjection, device: torch.device, segments: Segments | None,
-                 rows_per_program: int):
-        lay = projection.layout
-        self.layout = lay
-        self.device = torch.device(device)
-        self.segments = segments if segments is not None else Segments.per_layer(lay)
-        self.tables = KernelTables.build(projection, self.segments, rows_per_program, self.device)
-        self.scale = projection.scale.to(self.device).contiguous()
-        self.zero = projection.zero.to(self.device).contiguous()
-        self.addresses = EngineAddresses(self.segments, self.device)
+class Engine(Protocol):
+    """What :func:`~twa_kernels.backends.make_engine` returns, whatever the backend. ``grads`` and
+    ``weights`` are a flat vector of every layer or the list of segment tensors."""
+
+    name: str
+    layout: LayerLayout
+    segments: Segments
 
     def project(self, grads) -> torch.Tensor:
-        """c = P̃ᵀg, ``[L, n]`` float32, for a flat gradient vector or a list of segment tensors."""
-        addresses, dtype = self.addresses.grads(grads)
-        t, gsum = self._project_codes(addresses, dtype)
-        return self.scale * t + self.zero * gsum[:, None]
+        """c = P̃ᵀg, ``[L, n]``: float32 (float64 for float64 gradients, on the engines that take them)."""
 
     def expand(self, weights, delta: torch.Tensor, compensation=None) -> None:
         """weights += P̃Δβ in place; with ``compensation`` (bf16, like ``weights``), Kahan-compensated."""
-        w_addr, dtype, c_addr = self.addresses.weights(weights, compensation)
-        delta = delta.to(self.device, torch.float32)
-        u = (self.scale * delta).contiguous()
-        s = (self.zero * delta).sum(dim=1).contiguous()
-        self._expand_codes(w_addr, dtype, c_addr, u, s)
 
-    def _project_codes(self, addresses: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError  # pragma: no cover - abstract
 
-    def _expand_codes(self, addresses, dtype, comp_addresses, u, s) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+class KernelEngine:
+    """What the engines of both kernel families share: the layout, the device, the segments, P̃'s
+    scales and zeros on the device (the affine fold's operands) and the address tables."""
+
+    name = "kernel"
+
+    def __init__(self, projection: PackedProjection, device, segments: Segments | None):
+        self.layout = projection.layout
+        self.device = torch.device(device)
+        self.segments = segments if segments is not None else Segments.per_layer(self.layout)
+        self.scale = projection.scale.to(self.device, torch.float32).contiguous()
+        self.zero = projection.zero.to(self.device, torch.float32).contiguous()
+        self.addresses = EngineAddresses(self.segments, self.device)

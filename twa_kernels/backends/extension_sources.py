@@ -15,8 +15,11 @@ import glob
 import os
 
 CSRC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc"))
-CPU_SOURCES = ["twa_bindings.cpp", "twa_cpu.cpp", "twa_cpu_avx2.cpp"]
-CUDA_SOURCES = ["twa_bindings_cuda.cpp", "twa_cuda_launch.cpp", "twa_cuda.cu", "twa_cuda_plane.cu"]
+# csrc/ mirrors the backends: the modules' bindings and shared headers at the top, each kernel family in
+# a folder of its own (rows/: cpp and cuda; plane/: cuda_plane).
+CPU_SOURCES = ["twa_bindings.cpp", "rows/twa_cpu.cpp", "rows/twa_cpu_avx2.cpp"]
+CUDA_SOURCES = ["twa_bindings_cuda.cpp", "rows/twa_cuda_launch.cpp", "rows/twa_cuda.cu",
+                "plane/twa_cuda_plane_launch.cpp", "plane/twa_cuda_plane.cu"]
 MODULES = {"cpu": "_C", "cuda": "_C_cuda"}
 # Compiled for these GPUs when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (a CUDA build of torch
 # on a machine without a GPU): Ampere and Hopper natively, newer GPUs through the PTX.

@@ -3,6 +3,7 @@ fix) and its engine factory, and the rule "auto" follows. :mod:`twa_kernels.back
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -36,17 +37,22 @@ class Backend:
     summary: str
 
 
-def _probe_triton(device: torch.device) -> Availability:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return Availability(False, "on the CPU Triton runs only in its interpreter, for tests",
-                            "set TRITON_INTERPRET=1 before importing twa_kernels")
-    try:  # imported only when asked for: it imports triton, and reads TRITON_INTERPRET once, at import
-        from . import triton_kernels
-    except ImportError as err:
-        return Availability(False, f"twa_kernels' Triton kernels do not import ({err})", "pip install triton")
-    if not triton_kernels.AVAILABLE:
-        return Availability(False, "triton is not installed", "pip install triton")
-    return Availability(True, "interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" else "")
+def _triton_probe(module: str):
+    """The probe of a Triton backend: its kernel module (``rows.triton_kernels``…) must import."""
+
+    def probe(device: torch.device) -> Availability:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return Availability(False, "on the CPU Triton runs only in its interpreter, for tests",
+                                "set TRITON_INTERPRET=1 before importing twa_kernels")
+        try:  # imported only when asked for: it imports triton, and reads TRITON_INTERPRET once, at import
+            kernels = importlib.import_module(f"{__package__}.{module}")
+        except ImportError as err:
+            return Availability(False, f"twa_kernels' Triton kernels do not import ({err})", "pip install triton")
+        if not kernels.AVAILABLE:
+            return Availability(False, "triton is not installed", "pip install triton")
+        return Availability(True, "interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" else "")
+
+    return probe
 
 
 def _extension_probe(kind: str):
@@ -63,25 +69,27 @@ def _extension_probe(kind: str):
 
 
 def _triton_engine(projection, device, segments):
-    from .triton_kernels import TritonEngine  # imports triton, which reads TRITON_INTERPRET once
+    from .rows.triton_kernels import TritonEngine  # imports triton, which reads TRITON_INTERPRET once
 
     return TritonEngine(projection, device, segments)
 
 
 def _triton_plane_engine(projection, device, segments):
-    from .triton_plane import TritonPlaneEngine
+    from .plane.triton_kernels import TritonPlaneEngine
 
     return TritonPlaneEngine(projection, device, segments)
 
 
 def _cuda_plane_engine(projection, device, segments):
-    from .cuda_plane import CudaPlaneEngine
+    from .plane.cuda_engine import CudaPlaneEngine
 
     return CudaPlaneEngine(projection, device, segments)
 
 
 def _extension_engine(projection, device, segments):
-    return extension.ExtensionEngine(projection, device, segments)
+    from .rows.extension_engine import ExtensionEngine
+
+    return ExtensionEngine(projection, device, segments)
 
 
 def _torch_engine(projection, device, segments):
@@ -89,9 +97,9 @@ def _torch_engine(projection, device, segments):
 
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("triton", ("cuda", "cpu"), _probe_triton, _triton_engine,
+    Backend("triton", ("cuda", "cpu"), _triton_probe("rows.triton_kernels"), _triton_engine,
             "fused Triton kernels, all layers per launch"),
-    Backend("triton_plane", ("cuda", "cpu"), _probe_triton, _triton_plane_engine,
+    Backend("triton_plane", ("cuda", "cpu"), _triton_probe("plane.triton_kernels"), _triton_plane_engine,
             "v2 Triton kernels on the plane layout (selectable; not measured on a GPU yet)"),
     Backend("cuda", ("cuda",), _extension_probe("cuda"), _extension_engine, "CUDA C++ kernels from csrc/"),
     Backend("cuda_plane", ("cuda",), _extension_probe("cuda"), _cuda_plane_engine,

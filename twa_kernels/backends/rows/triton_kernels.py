@@ -1,7 +1,7 @@
 """Fused Triton kernels: dequantize-and-project (qᵀg) and dequantize-and-expand (w += q·u + s).
 
 Both read the packed codes directly (see :mod:`twa_kernels.packing`), for all layers in one launch,
-over the tables of :mod:`twa_kernels.backends.contract` (the affine fold is the engine's, so the
+over the tables of :mod:`twa_kernels.backends.rows.engine` (the affine fold is the engine's, so the
 kernels see codes only):
 
 * Program ``i`` owns rows ``[prog_row_i, prog_row_i + ROWS)`` of segment ``prog_seg_i``; no program
@@ -33,39 +33,22 @@ An earlier design fetched every code with its own gather load of its word: 2.6×
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from ...packing import PackedProjection, codes_per_word
+from ..contract import Segments
+from ..triton_common import AVAILABLE, INTERPRET, Launch
+from .engine import RowsEngine
 
-    AVAILABLE = True
-except ImportError:  # the package works without triton (torch / C++ backends)
-    AVAILABLE = False
-
-from ..packing import PackedProjection, codes_per_word
-from .contract import PackedEngine, Segments
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEFAULT_TILE_CODES = 4096
 DEFAULT_TILES_PER_PROGRAM = 32
 
 if AVAILABLE:
-    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    import triton
+    import triton.language as tl
 
-    @triton.jit
-    def _round_to(y, dtype: tl.constexpr):
-        """fp32 -> ``dtype`` rounding to nearest even. For bf16 the rounding is done on the bits: the
-        Triton CPU interpreter truncates fp32 -> bf16, GPUs round to nearest; this gives the same
-        bits on both (overflow rounds to inf as in hardware)."""
-        if dtype == tl.bfloat16:
-            b = y.to(tl.int32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-            y = b.to(tl.float32, bitcast=True)
-        return y.to(dtype)
+    from ..triton_common import TL_DTYPES, _update_weights
 
     @triton.jit
     def _program(prog_seg_ptr, prog_row_ptr, seg_layer_ptr, seg_row_ptr, seg_size_ptr, word_off_ptr,
@@ -171,28 +154,6 @@ if AVAILABLE:
             _update_weights(w_ptr, comp_ptr, r + i, rows_left, dw + s, HAS_COMP)
 
     @triton.jit
-    def _update_weights(w_ptr, comp_ptr, offs, mask, dw, HAS_COMP: tl.constexpr):
-        """w += dw in place; with HAS_COMP, Kahan-compensated in the torch reference's order. ``mask``
-        None: every offset is in range (no predicates)."""
-        ptr = w_ptr + offs
-        if mask is None:
-            w = tl.load(ptr)
-        else:
-            w = tl.load(ptr, mask=mask, other=0.0)
-        if HAS_COMP:
-            cptr = comp_ptr + offs
-            if mask is None:
-                comp = tl.load(cptr).to(tl.float32)
-            else:
-                comp = tl.load(cptr, mask=mask, other=0.0).to(tl.float32)
-            y = w.to(tl.float32) + (dw + comp)
-            new = _round_to(y, w_ptr.dtype.element_ty)
-            tl.store(cptr, _round_to(y - new.to(tl.float32), comp_ptr.dtype.element_ty), mask=mask)
-            tl.store(ptr, new, mask=mask)
-        else:
-            tl.store(ptr, _round_to(w.to(tl.float32) + dw, w_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _project_reduce_kernel(part_t_ptr, part_g_ptr, layer_prog_ptr, t_ptr, gsum_ptr, n,
                                N_PAD: tl.constexpr, N_P2: tl.constexpr):
         layer = tl.program_id(0).to(tl.int64)
@@ -209,20 +170,7 @@ if AVAILABLE:
         tl.store(gsum_ptr + layer + tl.zeros([1], dtype=tl.int64), gsum)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch as the engine makes it: ``kernel[grid](*args, **constants)``."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: tuple
-    constants: dict
-
-    def __call__(self):
-        self.kernel[self.grid](*self.args, **self.constants)
-
-
-class TritonEngine(PackedEngine):
+class TritonEngine(RowsEngine):
     """P̃ on one device and the two fused launches (plus the small ordered reduction of ``project``).
     ``tile_codes``, ``num_warps`` and ``tiles_per_program`` (or ``rows_per_program``) are the tuning
     knobs (``benchmarks/kernel_variants.py``); ``block_rows`` overrides the rows per tile."""

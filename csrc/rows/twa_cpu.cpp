@@ -9,13 +9,13 @@
 //   vectorises, then a contiguous multiply-add runs over each row.
 // Partials are written per program and reduced per layer in program order, so results do not depend
 // on the number of threads. Programs read and write the segments through their address tables
-// (twa_layout.h); the affine fold is the engine's, so these kernels see codes only.
+// (../twa_layout.h); the affine fold is the engine's, so these kernels see codes only.
 #include <torch/extension.h>
 
 #include <vector>
 
 #include "twa_cpu_periods.h"
-#include "twa_layout.h"
+#include "../twa_layout.h"
 
 namespace twa {
 

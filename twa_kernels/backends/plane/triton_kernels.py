@@ -1,11 +1,11 @@
-"""The v2 Triton kernels, on the plane device layout (:mod:`.plane_layout`): backend ``triton_plane``.
+"""The v2 Triton kernels, on the plane device layout (:mod:`.layout`): backend ``triton_plane``.
 
 Selectable (``backend="triton_plane"``), tested in the interpreter against the torch reference for every
 bit width, and compiled for sm_80/sm_90 in CI; it becomes what ``"auto"`` takes on CUDA only after a GPU
 run has passed the GPU tests with it and measured it faster than ``triton`` (README says which kernels
 were measured on a GPU).
 
-What differs from the shipped ``triton`` kernels (:mod:`.triton_kernels`), and why:
+What differs from the shipped ``triton`` kernels (:mod:`..rows.triton_kernels`), and why:
 
 * **Loads.** A thread loads ``V`` consecutive words per column (16 bytes at 4 and 8 bits) with no
   per-load predicate in full tiles, and sees ``V`` consecutive rows per field, so gradients and
@@ -30,27 +30,21 @@ any bit width without data movement.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from ...packing import PackedProjection
+from ..contract import Segments
+from ..triton_common import AVAILABLE, INTERPRET, Launch
+from .engine import PlaneEngine
 
-    AVAILABLE = True
-except ImportError:
-    AVAILABLE = False
-
-from ..packing import PackedProjection
-from .contract import Segments
-from .plane_layout import PlaneEngine
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCE_ROWS = 64
 
 if AVAILABLE:
-    from .triton_kernels import TL_DTYPES, Launch, _update_weights
+    import triton
+    import triton.language as tl
+
+    from ..triton_common import TL_DTYPES, _update_weights
 
     @triton.jit
     def _high_shift(BITS: tl.constexpr):

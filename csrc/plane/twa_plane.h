@@ -1,4 +1,4 @@
-// The v2 CUDA kernels' per-thread work on the plane layout of P̃ (twa_kernels/backends/plane_layout.py
+// The v2 CUDA kernels' per-thread work on the plane layout of P̃ (twa_kernels/backends/plane/layout.py
 // defines it), written once for the GPU (twa_cuda_plane.cu) and for the host. The host build runs a
 // block's threads one after another and its reductions in the GPU's order, so that the index arithmetic
 // and the bit tricks below can be tested against the torch reference on a machine without a GPU
@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "twa_layout.h"
+#include "../twa_layout.h"
 
 namespace twa {
 namespace plane {
@@ -30,7 +30,7 @@ constexpr int kColumnBlock = 8;
 constexpr int kWarp = 32;
 constexpr int kReduceLanes = 8;
 
-// The tables of twa_kernels.backends.plane_layout.PlaneTables (same field names).
+// The tables of twa_kernels.backends.plane.layout.PlaneTables (same field names).
 struct PlaneTables {
   const int32_t* words;
   const int64_t* word_off;    // [L] first plane word of each layer

@@ -1,12 +1,10 @@
-// Torch-facing wrappers of the CUDA kernels in twa_cuda.cu.
+// Torch-facing wrappers of the plane CUDA kernels in twa_cuda_plane.cu (backend cuda_plane).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include <tuple>
-
+#include "../twa_tables.h"
 #include "twa_plane.h"
-#include "twa_tables.h"
 
 namespace twa {
 namespace plane {
@@ -15,33 +13,6 @@ cudaError_t launch_plane_project(const PlaneTables& t, DType dt, const int64_t* 
 cudaError_t launch_plane_expand(const PlaneTables& t, DType dt, const int64_t* weights, const int64_t* comp,
                                 const float* scale, const float* zero, const float* delta, cudaStream_t stream);
 }  // namespace plane
-
-cudaError_t launch_project(const Tables& t, DType dt, const int64_t* grad, float* part_t, float* part_g,
-                           float* out_t, float* out_g, cudaStream_t stream);
-cudaError_t launch_expand(const Tables& t, DType dt, const int64_t* weights, const int64_t* comp, const float* u,
-                          const float* s, cudaStream_t stream);
-
-std::tuple<torch::Tensor, torch::Tensor> project_cuda(const Tables& t, const int64_t* grad, at::ScalarType dtype,
-                                                      const torch::Device& dev) {
-  const c10::cuda::CUDAGuard guard(dev);
-  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(dev);
-  auto part_t = torch::empty({t.num_programs, t.n}, opts);
-  auto part_g = torch::empty({t.num_programs}, opts);
-  auto out_t = torch::empty({t.num_layers, t.n}, opts);
-  auto out_g = torch::empty({t.num_layers}, opts);
-  const cudaError_t err = launch_project(t, kernel_dtype(dtype), grad, part_t.data_ptr<float>(),
-                                         part_g.data_ptr<float>(), out_t.data_ptr<float>(), out_g.data_ptr<float>(),
-                                         c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "twa project kernel failed: ", cudaGetErrorString(err));
-  return {out_t, out_g};
-}
-
-void expand_cuda(const Tables& t, const int64_t* weights, at::ScalarType dtype, const int64_t* comp, const float* u,
-                 const float* s, const torch::Device& dev) {
-  const c10::cuda::CUDAGuard guard(dev);
-  const cudaError_t err = launch_expand(t, kernel_dtype(dtype), weights, comp, u, s, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "twa expand kernel failed: ", cudaGetErrorString(err));
-}
 
 torch::Tensor plane_project_cuda(const plane::PlaneTables& t, const int64_t* grad, at::ScalarType dtype,
                                 const torch::Tensor& scale, const torch::Tensor& zero, torch::Tensor& part_t,

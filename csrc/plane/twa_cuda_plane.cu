@@ -1,7 +1,7 @@
 // The v2 CUDA kernels on the plane layout of P̃ (backend cuda_plane): the per-thread work is
 // twa_plane.h's, shared with the host build the tests run; this file adds what only a GPU has — the
 // block reductions (xor shuffles, then the warps in order through shared memory) and the launches.
-// Plain CUDA (no torch headers) so that nvcc alone compiles it; twa_cuda_launch.cpp binds it.
+// Plain CUDA (no torch headers) so that nvcc alone compiles it; twa_cuda_plane_launch.cpp binds it.
 //
 // project: block p = program p (≤ k tiles of one segment), T threads; for each block of kColumnBlock
 //   columns the threads accumulate over the program's tiles (codes through L2 only, gradients re-read

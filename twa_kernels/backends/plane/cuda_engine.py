@@ -1,8 +1,8 @@
-"""The v2 CUDA kernels on the plane device layout (:mod:`.plane_layout`): backend ``cuda_plane``.
+"""The v2 CUDA kernels on the plane device layout (:mod:`.layout`): backend ``cuda_plane``.
 
-The kernels are ``csrc/twa_cuda_plane.cu`` (in the ``_C_cuda`` module, beside the shipped ``cuda``
-kernels); their per-thread work is ``csrc/twa_plane.h``, which also compiles for the host, so the tests
-run it against the torch reference on a machine without a GPU (``tests/test_cuda_plane.py``). Like
+The kernels are ``csrc/plane/twa_cuda_plane.cu`` (in the ``_C_cuda`` module, beside the shipped
+``cuda`` kernels); their per-thread work is ``csrc/plane/twa_plane.h``, which also compiles for the host,
+so the tests run it against the torch reference on a machine without a GPU (``tests/test_cuda_plane.py``). Like
 ``triton_plane`` they are selectable and not taken by ``"auto"`` until a GPU run has passed the GPU
 tests with them and measured them faster.
 
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from ..packing import PackedProjection
-from . import extension
-from .contract import Segments
-from .plane_layout import PlaneEngine
+from ...packing import PackedProjection
+from .. import extension
+from ..contract import Segments
+from .engine import PlaneEngine
 
-THREADS = 128  # kThreads in csrc/twa_cuda_plane.cu
-COLUMN_BLOCK = 8  # kColumnBlock in csrc/twa_plane.h
+THREADS = 128  # kThreads in csrc/plane/twa_cuda_plane.cu
+COLUMN_BLOCK = 8  # kColumnBlock in csrc/plane/twa_plane.h
 
 
 class CudaPlaneEngine(PlaneEngine):

@@ -1,5 +1,5 @@
-"""The *plane* device layout of P̃'s codes, read by the v2 GPU kernels (``triton_plane``, ``cuda_plane``),
-and what their engines share (:class:`PlaneEngine`).
+"""The *plane* device layout of P̃'s codes, read by the v2 GPU kernels (``triton_plane``, ``cuda_plane``;
+what their engines share is :class:`.engine.PlaneEngine`).
 
 The canonical packed format (:mod:`twa_kernels.packing`: row-major codes, first code in the low
 bits) is what is saved, loaded and read on the CPU. On a GPU the engine permutes it once, when P̃
@@ -29,8 +29,8 @@ from functools import cached_property
 
 import torch
 
-from ..packing import PackedProjection, codes_per_word, cumsum_from_zero
-from .contract import EngineAddresses, Segments
+from ...packing import PackedProjection, codes_per_word, cumsum_from_zero
+from ..contract import Segments
 
 
 def words_per_load(bits: int) -> int:
@@ -196,28 +196,3 @@ class PlaneTables:
     @property
     def num_programs(self) -> int:
         return self.prog_seg.numel()
-
-
-class PlaneEngine:
-    """What the plane engines share: P̃'s plane words on the device (one copy, permuted from the
-    canonical words once), the launch tables, the scales and zeros of the affine fold, project's
-    partial buffers (rows padded to ``column_block``) and the address tables. Subclasses launch."""
-
-    def __init__(self, projection: PackedProjection, device, segments: Segments | None, threads: int,
-                 tiles_per_program: int, column_block: int):
-        lay = projection.layout
-        if lay.bits is None:
-            raise ValueError("the plane layout holds packed codes; an fp32 P is a dense matmul")
-        self.layout = lay
-        self.device = torch.device(device)
-        self.segments = segments if segments is not None else Segments.per_layer(lay)
-        self.plane = PlaneLayout(tuple(lay.sizes), lay.n, lay.bits, threads)
-        self.tables = PlaneTables.build(self.plane, self.plane.pack(projection, self.device), self.segments,
-                                        tiles_per_program, self.device)
-        self.scale = projection.scale.to(self.device, torch.float32).contiguous()
-        self.zero = projection.zero.to(self.device, torch.float32).contiguous()
-        self.column_block = column_block
-        self.n_pad = -(-lay.n // column_block) * column_block
-        self.part_t = torch.empty(self.tables.num_programs, self.n_pad, dtype=torch.float32, device=self.device)
-        self.part_g = torch.empty(self.tables.num_programs, dtype=torch.float32, device=self.device)
-        self.addresses = EngineAddresses(self.segments, self.device)

@@ -1,7 +1,7 @@
 // CUDA backend: P̃ᵀg and w += P̃Δβ over the packed codes, all layers in one launch each.
 // Plain CUDA (no torch headers) so that nvcc alone can compile it; twa_cuda_launch.cpp binds it.
 //
-// Gradients and weights are found through segment address tables (twa_layout.h); the affine fold is
+// Gradients and weights are found through segment address tables (../twa_layout.h); the affine fold is
 // the engine's, so the kernels see codes only.
 //
 // project: block p owns rows [row0, row0 + R) of one segment. Threads form a 32 × 8 grid: a warp spans
@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "twa_layout.h"
+#include "../twa_layout.h"
 
 namespace twa {
 namespace {
