@@ -1,5 +1,7 @@
 """Every kernel backend against the torch reference engine, over shapes that hit the edges."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import twa_kernels as twa
 from backend_cases import EDGE_SIZES, exact_vectors, float_case, random_projection
 from reference import batches, make_checkpoints, make_model
 from twa_kernels.backends import REGISTRY, available_backends, make_engine, probe
-from twa_kernels.backends.contract import Segments
+from twa_kernels.backends.contract import Engine, Segments
 from twa_kernels.backends.torch_ref import TorchEngine
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -80,6 +82,26 @@ def cpp_small_run(proj):
     """Five periods per program: one group of four periods and one period alone."""
     from twa_kernels.backends.extension import load
     return 5 * load().period_rows(proj.layout.n, proj.layout.bits)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("torch", "cpu", id="torch-cpu")])
+def test_every_engine_keeps_the_contract(backend, device):
+    """What make_engine builds for each registered backend (and each variant tested here) is an
+    :class:`Engine`: its registry name, the projection's layout, its segments (one per layer by default,
+    or the ones given), and project / expand with the protocol's arguments."""
+    proj = random_projection(EDGE_SIZES, 3, 4, seed=5)
+    cut = Segments.cut(proj.layout, [1, 33, 500, 500, 7, 2500])
+    for segments in (None, cut):
+        for eng in engines(proj, backend, device, segments) if backend != "torch" else \
+                [make_engine(proj, device, backend, segments=segments)]:
+            assert isinstance(eng, Engine), type(eng)
+            assert eng.name == backend and eng.layout is proj.layout, (eng.name, type(eng))
+            assert eng.segments == (segments or Segments.per_layer(proj.layout))
+            assert list(inspect.signature(eng.project).parameters) == ["grads"]
+            expand = inspect.signature(eng.expand).parameters
+            assert list(expand)[:3] == ["weights", "delta", "compensation"] and expand["compensation"].default is None
+    dense = make_engine(random_projection(EDGE_SIZES, 3, None, seed=5), device, backend)
+    assert isinstance(dense, Engine) and dense.name == "dense"
 
 
 @pytest.mark.parametrize("backend,device,bits,n", crossed([1, 2, 4, 8], [1, 2, 3, 17, 60]))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -195,11 +195,11 @@ def split_segments(x, segments: Segments) -> list[torch.Tensor]:
     return [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in x]
 
 
-
-
+@runtime_checkable
 class Engine(Protocol):
     """What :func:`~twa_kernels.backends.make_engine` returns, whatever the backend. ``grads`` and
-    ``weights`` are a flat vector of every layer or the list of segment tensors."""
+    ``weights`` are a flat vector of every layer or the list of segment tensors. ``name`` is the backend's
+    name in the registry (``"dense"`` for an fp32 P)."""
 
     name: str
     layout: LayerLayout
