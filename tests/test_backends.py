@@ -92,8 +92,7 @@ def test_every_engine_keeps_the_contract(backend, device):
     proj = random_projection(EDGE_SIZES, 3, 4, seed=5)
     cut = Segments.cut(proj.layout, [1, 33, 500, 500, 7, 2500])
     for segments in (None, cut):
-        for eng in engines(proj, backend, device, segments) if backend != "torch" else \
-                [make_engine(proj, device, backend, segments=segments)]:
+        for eng in engines(proj, backend, device, segments):
             assert isinstance(eng, Engine), type(eng)
             assert eng.name == backend and eng.layout is proj.layout, (eng.name, type(eng))
             assert eng.segments == (segments or Segments.per_layer(proj.layout))
