@@ -36,6 +36,55 @@ def targets(per_seed, baselines, pairs, unit: str) -> list[str]:
     return lines
 
 
+def test_targets(per_seed, baselines, methods, unit: str) -> dict:
+    """The never-behind-a-free-merge target on the **test** split: per seed, each method's test loss against
+    the best fixed merge's (the lowest test loss among ``baselines``: an oracle no user has, so the hardest
+    comparison), met when the difference is at most 2σ, σ the standard deviation over seeds of that best
+    merge's test loss (the seed noise). Returns {"lines": [...], "summary": {method: {...}}}."""
+    best_tests = [min(s[k]["test"] for k in baselines) for s in per_seed]
+    sigma = statistics.stdev(best_tests) if len(best_tests) > 1 else 0.0
+    lines, summary = [], {}
+    for method in methods:
+        diffs = []
+        for seed, s in enumerate(per_seed):
+            best = min(baselines, key=lambda k: s[k]["test"])
+            diff = s[method]["test"] - s[best]["test"]
+            diffs.append(diff)
+            lines.append(f"seed {seed}: {method} test {unit} {s[method]['test']:.4g} vs best fixed merge ({best}) "
+                         f"{s[best]['test']:.4g}: {diff:+.4f} ({'met' if diff <= 2 * sigma else 'NOT met'}, "
+                         f"2σ = {2 * sigma:.4f})")
+        summary[method] = {"mean_difference": statistics.mean(diffs),
+                           "std_difference": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                           "two_sigma": 2 * sigma, "met_every_seed": all(d <= 2 * sigma for d in diffs),
+                           "below_in_mean": statistics.mean(diffs) < 0}
+    return {"lines": lines, "summary": summary}
+
+
+def describe_test_targets(goals: dict) -> str:
+    """Markdown lines of :func:`test_targets`' result."""
+    out = [f"- {line}" for line in goals["lines"]]
+    for method, s in goals["summary"].items():
+        out.append(f"- {method}: mean difference {s['mean_difference']:+.4f} ± {s['std_difference']:.4f} "
+                   f"({'below' if s['below_in_mean'] else 'above'} the best fixed merge in the mean; "
+                   f"{'within' if s['met_every_seed'] else 'NOT within'} 2σ in every seed)")
+    return "\n".join(out)
+
+
+def describe_starts(per_seed) -> str:
+    """Which fixed merge best_start chose for each TWA run, per seed (from each result's "starts")."""
+    lines = []
+    for seed, s in enumerate(per_seed):
+        chosen = ", ".join(f"{name}: {rec['start']}" for name, rec in s.get("starts", {}).items()
+                           if isinstance(rec, dict) and "start" in rec)
+        lines.append(f"- seed {seed}: {chosen}")
+    return "\n".join(lines)
+
+
+def score_rows(per_seed) -> list[str]:
+    """The keys of a per-seed result that hold scores (not records such as the starts chosen)."""
+    return [k for k, v in per_seed[0].items() if isinstance(v, dict) and "test" in v]
+
+
 def plot_twa_curves(regimes, baselines, path, ylabel: str, label: str = "TWA-t (defaults), 4 bits"):
     """Train loss against TWA-t step (mean over seeds) with the in-span baselines as horizontal lines;
     ``regimes``: (title, per-seed results, per-seed [(step, train loss)] curves) for each panel."""

@@ -11,8 +11,9 @@
 (c) bits ablation of TWA-t on (a)'s MLP checkpoints: 1, 2, 4, 8 bits and fp32, with the paper's
     per-layer scale and with the norm-preserving per-column scale.
 
-TWA is ``ProjectedAdamW(model.parameters(), space)`` with every default (spread coordinates, init at
-the last checkpoint, constant lr), the one configuration of the text benchmark, for a fixed budget.
+TWA runs by the benchmarks' recipe (:mod:`benchmarks.recipe`: the best fixed merge as the start, chosen on
+the data TWA trains on; ProjectedAdamW with its defaults; the average of the second half's iterates as the
+end), the one configuration of every quality benchmark, for a fixed budget.
 The split (60% train, 10% validation, 30% test, stratified) is fixed; seeds change initialisation and
 data order. Every hyper-parameter is fixed below in advance; choices among models use the validation
 set only; the test set is only ever evaluated. Reported: cross-entropy on train / validation / test,
@@ -32,7 +33,9 @@ from tqdm.auto import tqdm
 
 import twa_kernels as twa
 from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
-from benchmarks.in_span import baseline_names, in_span_baselines, plot_twa_curves, targets
+from benchmarks.in_span import (baseline_names, describe_starts, describe_test_targets, in_span_baselines,
+                               plot_twa_curves, score_rows, targets, test_targets)
+from benchmarks.recipe import DEFAULT_END, DEFAULT_START, TWARun, label
 
 EPOCHS = 20  # base run; checkpoints of the first EPOCHS / 2 epochs feed the averages
 BATCH = 32
@@ -44,6 +47,7 @@ BASELINES = baseline_names(EMA_GAMMA)
 SOUP_CONFIGS = [(lr, wd, order) for lr in (0.01, 0.05) for wd in (0.0, 1e-3) for order in (0, 1)][:6]
 SOUP_PRETRAIN, SOUP_FINETUNE = 3, 6
 ARCHS = ("MLP", "CNN")
+VARIANTS = (("last", "last"), ("last", "average"), ("center", "average"), ("best", "last"), ("best", "cosine"))
 
 
 def data(device):
@@ -118,13 +122,22 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_twa(start_state, ckpts, d, split, epochs, seed, arch="MLP", bits=4, scale="layer", curve=None):
-    """ProjectedAdamW with its defaults; with a list ``curve``, (step, train loss) every CURVE_EVERY steps
-    (the BatchNorm statistics recomputed for each reading; they do not enter the training forward)."""
+def run_twa(start_state, ckpts, d, split, epochs, seed, arch="MLP", bits=4, scale="layer", curve=None,
+            ordered=True, recipe=(DEFAULT_START, DEFAULT_END)):
+    """TWA by the benchmarks' recipe (:mod:`benchmarks.recipe`; ``recipe`` = (start, end) for its variants);
+    with a list ``curve``, (step, train loss) every CURVE_EVERY steps (the BatchNorm statistics
+    recomputed for each reading; they do not enter the training forward). Returns (scores, α, the start
+    search's record)."""
     model = make_model(arch).to(d["train"][0].device)
     model.load_state_dict(start_state)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, scale=scale, progress=False)
-    opt = twa.ProjectedAdamW(model.parameters(), space)
+    steps = epochs * -(-len(d[split][1]) // BATCH)
+
+    def start_loss(m):  # the start is judged on the data TWA trains on, with its own BatchNorm statistics
+        recompute_bn(m, d)
+        return evaluate(m, d[split])[1]
+
+    run = TWARun(model, space, steps, start_loss, ordered=ordered, start=recipe[0], end=recipe[1])
     step = 0
 
     def read():
@@ -139,11 +152,12 @@ def run_twa(start_state, ckpts, d, split, epochs, seed, arch="MLP", bits=4, scal
 
     if curve is not None:
         read()
-    train_epochs(model, opt, d[split], epochs, seed + 77, after_step if curve is not None else None)
-    if curve is not None and curve[-1][0] != step:
-        read()
+    train_epochs(model, run, d[split], epochs, seed + 77, after_step if curve is not None else None)
+    run.finish()
+    if curve is not None:
+        read()  # the end point: the average of the iterates
     recompute_bn(model, d)
-    return scores(model, d), opt.alphas()
+    return dict(scores(model, d), **run.record()), run.opt.alphas()
 
 
 def load_average(state, d, arch="MLP"):
@@ -167,6 +181,9 @@ def head_stage(d, seed, epochs=EPOCHS, arch="MLP"):
     curve = []
     out["TWA-t"], alphas = run_twa(ckpts[-1], ckpts, d, "train", TWA_T_EPOCHS, seed, arch, curve=curve)
     out["TWA-v"], _ = run_twa(ckpts[-1], ckpts, d, "val", TWA_V_EPOCHS, seed, arch)
+    for start, end in VARIANTS:  # the recipe's other starts and ends: how its defaults were chosen
+        out[f"TWA-t{label(start, end)}"], _ = run_twa(ckpts[-1], ckpts, d, "train", TWA_T_EPOCHS, seed, arch,
+                                                      recipe=(start, end))
     return out, ckpts, alphas, curve
 
 
@@ -190,9 +207,9 @@ def soup(d, seed):
            "uniform soup": scores(load_average(twa.swa(finetuned), d), d)}
     m = make_model().to(dev)
     _, chosen = twa.greedy_soup(m, finetuned, lambda mm: accuracy(mm, d["val"]), after_load=lambda mm: recompute_bn(mm, d))
-    out[f"greedy soup ({len(chosen)} of {len(finetuned)})"] = scores(m, d)
-    out["TWA-t"], _ = run_twa(start_state, finetuned, d, "train", TWA_T_EPOCHS, seed)
-    out["TWA-v"], _ = run_twa(start_state, finetuned, d, "val", TWA_V_EPOCHS, seed)
+    out["greedy soup"] = dict(scores(m, d), kept=len(chosen))
+    out["TWA-t"], _ = run_twa(start_state, finetuned, d, "train", TWA_T_EPOCHS, seed, ordered=False)
+    out["TWA-v"], _ = run_twa(start_state, finetuned, d, "val", TWA_V_EPOCHS, seed, ordered=False)
     return out
 
 
@@ -211,7 +228,7 @@ def mean_std(values, digits: int = 2) -> str:
 def table(per_seed):
     rows = [[k, *(mean_std([s[k][m] for s in per_seed], 4) for m in ("train", "val", "test")),
              mean_std([100 * s[k]["test_acc"] for s in per_seed]), mean_std([100 * s[k]["gap"] for s in per_seed])]
-            for k in per_seed[0]]
+            for k in score_rows(per_seed)]
     return markdown_table(["method", "train loss", "validation loss", "test loss", "test accuracy (%)",
                            "train − test accuracy (pts)"], rows)
 
@@ -279,21 +296,32 @@ def main(argv=None):
         abl_rows.append([key[0], key[1], mean_std([a[key]["train"] for a in ablations], 4), f"{m:.2f} ± {s:.2f}"])
     pairs = (("TWA-t", "train"), ("TWA-v", "val"))
     goals = {arch: targets(head[arch], BASELINES, pairs, "loss") for arch in ARCHS}
+    test_goals = {arch: test_targets(head[arch], BASELINES, ("TWA-t", "TWA-v"), "loss") for arch in ARCHS}
+    soup_baselines = ("best single (by val)", "uniform soup", "greedy soup")
+    test_goals["soup"] = test_targets(soups, soup_baselines, ("TWA-t", "TWA-v"), "loss")
     md = (f"Quality on scikit-learn digits ({args.seeds} seeds; {env['device']}; torch {env['torch']}; "
           f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
-          f"TWA: ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, constant lr), "
-          f"TWA-t {TWA_T_EPOCHS} epochs on the training set, TWA-v {TWA_V_EPOCHS} epochs on the validation set, "
+          f"TWA by the benchmarks' recipe (start: the best fixed merge by twa.best_start on the data TWA trains on; "
+          f"ProjectedAdamW with its defaults; end: the average of the second half's iterates); rows '(start X, end "
+          f"Y)' are its variants, '(start last, end last)' the earlier default. TWA-t {TWA_T_EPOCHS} epochs on the training set, TWA-v {TWA_V_EPOCHS} epochs on the validation set, "
           f"4 bits. Losses are mean cross-entropy with BatchNorm statistics recomputed on the training set.\n\n"
           + "".join(f"(a) head stage, {arch}: base run {args.epochs} epochs of SGD; averages over the checkpoints of "
                     f"epochs 1–{args.epochs // 2} (the last checkpoint is the base run at epoch {args.epochs // 2})\n\n"
                     + table(head[arch]) + "\nTargets (TWA-t train loss ≤ every in-span baseline's, TWA-v validation "
-                    "loss ≤ theirs):\n\n" + "\n".join(f"- {line}" for line in goals[arch]) + "\n\n" for arch in ARCHS)
+                    "loss ≤ theirs):\n\n" + "\n".join(f"- {line}" for line in goals[arch])
+                    + "\n\nNever behind a free merge (test loss ≤ the best fixed merge's + 2σ of the seed noise):\n\n"
+                    + describe_test_targets(test_goals[arch]) + "\n\nStarts chosen by twa.best_start:\n\n"
+                    + describe_starts([{"starts": {k: v for k, v in s.items() if k.startswith("TWA")}} for s in head[arch]])
+                    + "\n\n" for arch in ARCHS)
           + f"(b) soup of {len(SOUP_CONFIGS)} fine-tuning runs from one start (MLP)\n\n" + table(soups)
+          + "\nNever behind a free merge (test loss ≤ the best of best single, uniform and greedy soup + 2σ):\n\n"
+          + describe_test_targets(test_goals["soup"]) + "\n"
           + "\n(c) bits ablation of TWA-t on (a)'s MLP checkpoints\n\n"
           + markdown_table(["scale", "bits", "train loss", "test accuracy (%)"], abl_rows))
     print(md)
     path = save("quality", device, {"head_stage": head["MLP"], "head_stage_cnn": head["CNN"], "soup": soups,
                                     "twa_t_train_curves": curves, "targets": goals,
+                                    "test_targets": test_goals,
                                     "bits_ablation": [{f"{k[0]}/{k[1]}": v for k, v in a.items()} for a in ablations]},
                 md, out_dir=args.out_dir)
     names = [nm for nm, _ in make_model().named_parameters()]

@@ -38,8 +38,10 @@ from tqdm.auto import tqdm
 
 import twa_kernels as twa
 from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
-from benchmarks.in_span import baseline_names, in_span_baselines, plot_twa_curves, targets
+from benchmarks.in_span import (baseline_names, describe_test_targets, in_span_baselines, plot_twa_curves,
+                               describe_starts, score_rows, targets, test_targets)
 from benchmarks.quality import mean_std
+from benchmarks.recipe import DEFAULT_END, DEFAULT_START, TWARun, label
 
 FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, half_epochs=2, per_epoch=6, budget=0.25,
             text_chars=None, seeds=3, soup_runs=4, soup_epochs=0.25, stable_epochs=2, stable_n=10)
@@ -50,6 +52,8 @@ BASE_LR, WEIGHT_DECAY, WARMUP = 3e-3, 0.01, 0.05  # AdamW; warm-up as a fraction
 # constant): the one configuration fixed before the run, for every regime and seed.
 EMA_GAMMA, LAWA_K = 0.7, 4
 CURVE_EVERY = 5  # TWA-t's train bpc is read every this many steps, for the plot
+# The recipe's other starts and ends, run for TWA-t at 4 bits beside the defaults (benchmarks.recipe)
+VARIANTS = (("last", "last"), ("last", "average"), ("center", "average"), ("best", "last"), ("best", "cosine"))
 SOUP_LRS = (1e-3, 3e-3)
 
 
@@ -186,22 +190,33 @@ class Run:
                 curve.append((k / self.epoch_steps, bits_per_char(model, self.split["test"], self.cfg["context"])))
         return model, snapshots, curve
 
-    def twa(self, ckpts, split, bits=4, scale="layer", epochs=None, start=None, curve=None):
-        """ProjectedAdamW with its defaults over ``ckpts`` for ``epochs`` (default: the budget B) of
-        steps on ``split``; with a list ``curve``, (step, train bpc) every CURVE_EVERY steps go into it."""
+    def start_loss(self, split):
+        """What the start search judges candidates by: bpc on the validation split (TWA-v's data), or on a
+        fixed slice of the training split as long as it (TWA-t's)."""
+        ids = self.split["val"] if split == "val" else self.split["train"][-len(self.split["val"]):]
+        return lambda model: bits_per_char(model, ids, self.cfg["context"])
+
+    def twa(self, ckpts, split, bits=4, scale="layer", epochs=None, start=None, curve=None, ordered=True,
+            recipe=(DEFAULT_START, DEFAULT_END)):
+        """TWA by the benchmarks' recipe (:mod:`benchmarks.recipe`; ``recipe`` = (start, end) for its
+        variants) over ``ckpts`` for ``epochs`` (default: the budget B) of steps on ``split``; with a list
+        ``curve``, (step, train bpc) every CURVE_EVERY steps go into it."""
         model = self.model(start or ckpts[-1])
         space = twa.Subspace.from_checkpoints(model, ckpts, bits=bits, scale=scale, progress=False)
-        opt = twa.ProjectedAdamW(model.parameters(), space)
         steps = max(1, round((self.cfg["budget"] if epochs is None else epochs) * self.epoch_steps))
+        run = TWARun(model, space, steps, self.start_loss(split), ordered=ordered, start=recipe[0], end=recipe[1])
         if curve is not None:
             curve.append((0, self.train_bpc(model)))
         for k, (xb, yb) in enumerate(self.batches(split, steps, self.seed + 77), start=1):
-            opt.zero_grad()
+            run.zero_grad()
             loss_of(model, xb, yb).backward()
-            opt.step()
+            run.step()
             if curve is not None and (k % CURVE_EVERY == 0 or k == steps):
                 curve.append((k, self.train_bpc(model)))
-        return model, opt
+        run.finish()
+        if curve is not None:
+            curve.append((steps, self.train_bpc(model)))  # the end point: the average of the iterates
+        return model, run.opt, run.record()
 
     def train_constant(self, epochs, window_epochs, count):
         """A warm-up then constant-lr AdamW run (the stable phase of warmup-stable-decay) of ``epochs``;
@@ -227,6 +242,15 @@ class Run:
         return self.model(state)
 
 
+def recipe_variants(run: Run, ckpts, out: dict, starts: dict) -> None:
+    """TWA-t, 4 bits, with each other start and end of the recipe: how its defaults were chosen."""
+    for start, end in VARIANTS:
+        model, _, record = run.twa(ckpts, "train", recipe=(start, end))
+        out[f"TWA-t, 4 bits{label(start, end)}"] = run.scores(model)
+        if record:
+            starts[f"TWA-t{label(start, end)}"] = record
+
+
 def head_stage(run: Run):
     cfg = run.cfg
     E, every = cfg["half_epochs"], run.epoch_steps // cfg["per_epoch"]
@@ -234,13 +258,16 @@ def head_stage(run: Run):
     half, _, _ = run.train(E)
     out = {f"base run, {2 * E} epochs": run.scores(base), f"half-budget run, {E} epochs": run.scores(half),
            **in_span_baselines(ckpts, lambda state: run.scores(run.averaged(state)), EMA_GAMMA)}
-    twa_curve = []
-    model, opt = run.twa(ckpts, "train", curve=twa_curve)
+    twa_curve, starts = [], {}
+    model, opt, starts["TWA-t"] = run.twa(ckpts, "train", curve=twa_curve)
     out["TWA-t, 4 bits"] = run.scores(model)
     alphas = opt.alphas()
     out["TWA-t, fp32"] = run.scores(run.twa(ckpts, "train", bits=None)[0])
-    out["TWA-v, 4 bits"] = run.scores(run.twa(ckpts, "val")[0])
+    model, _, starts["TWA-v"] = run.twa(ckpts, "val")
+    out["TWA-v, 4 bits"] = run.scores(model)
     out["TWA-v, fp32"] = run.scores(run.twa(ckpts, "val", bits=None)[0])
+    recipe_variants(run, ckpts, out, starts)
+    out["starts"] = starts
     return out, ckpts, curve, alphas, twa_curve
 
 
@@ -249,9 +276,13 @@ def stable_phase(run: Run):
     spread): the last 0.5 epoch of a 2-epoch warm-up + constant run, n = 10."""
     ckpts = run.train_constant(run.cfg["stable_epochs"], 0.5, run.cfg["stable_n"])
     out = in_span_baselines(ckpts, lambda state: run.scores(run.averaged(state)), EMA_GAMMA)
-    twa_curve = []
-    out["TWA-t, 4 bits"] = run.scores(run.twa(ckpts, "train", curve=twa_curve)[0])
-    out["TWA-v, 4 bits"] = run.scores(run.twa(ckpts, "val")[0])
+    twa_curve, starts = [], {}
+    model, _, starts["TWA-t"] = run.twa(ckpts, "train", curve=twa_curve)
+    out["TWA-t, 4 bits"] = run.scores(model)
+    model, _, starts["TWA-v"] = run.twa(ckpts, "val")
+    out["TWA-v, 4 bits"] = run.scores(model)
+    recipe_variants(run, ckpts, out, starts)
+    out["starts"] = starts
     return out, twa_curve
 
 
@@ -273,15 +304,16 @@ def soup(run: Run, start):
            "uniform soup": run.scores(run.averaged(twa.swa(finetuned)))}
     m = run.model()
     _, chosen = twa.greedy_soup(m, finetuned, lambda mm: -bits_per_char(mm, run.split["val"], cfg["context"]))
-    out[f"greedy soup ({len(chosen)} of {len(finetuned)})"] = run.scores(m)
-    out["TWA-v"] = run.scores(run.twa(finetuned, "val", start=start)[0])
+    out["greedy soup"] = dict(run.scores(m), kept=len(chosen))
+    model, _, record = run.twa(finetuned, "val", start=start, ordered=False)
+    out["TWA-v"] = dict(run.scores(model), **record)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- report
 def table(per_seed):
     rows = []
-    for k in per_seed[0]:
+    for k in score_rows(per_seed):
         rows.append([k, mean_std([s[k]["train"] for s in per_seed], 3), mean_std([s[k]["test"] for s in per_seed], 3),
                      mean_std([s[k]["val"] for s in per_seed], 3), mean_std([s[k]["gap"] for s in per_seed], 3)])
     return markdown_table(["method", "train bpc", "test bpc", "validation bpc", "test − train bpc"], rows)
@@ -289,6 +321,7 @@ def table(per_seed):
 
 BASELINES = baseline_names(EMA_GAMMA)
 TARGET_PAIRS = (("TWA-t, 4 bits", "train"), ("TWA-v, 4 bits", "val"))
+TEST_METHODS = ("TWA-t, 4 bits", "TWA-v, 4 bits")
 
 
 def plot(curves, head, cfg, path):
@@ -370,13 +403,17 @@ def main(argv=None):
     E = cfg["half_epochs"]
     goals = {regime: targets(per_seed, BASELINES, TARGET_PAIRS, "bpc")
              for regime, per_seed in (("head_stage", head), ("stable_phase", stable))}
+    test_goals = {regime: test_targets(per_seed, BASELINES, TEST_METHODS, "bpc")
+                  for regime, per_seed in (("head_stage", head), ("stable_phase", stable))}
     md = (f"Character-level language modelling of pydoc_data.topics ({data_record['characters']:,} characters, "
           f"{vocab} symbols; {cfg['seeds']} seed(s); {'quick smoke test, not a measurement; ' if args.quick else ''}"
           f"{env['device']}; torch {env['torch']}; commit {str(env['commit'])[:10]}; {env['date']})\n\n"
           f"Model: causal transformer, width {cfg['width']}, {cfg['layers']} layer(s), context {cfg['context']}; "
           f"AdamW lr {BASE_LR}, cosine. Checkpoints every 1/{cfg['per_epoch']} epoch of the first {E} epoch(s) "
-          f"(n = {E * cfg['per_epoch']}); TWA budget {cfg['budget']} epoch from the default init, "
-          f"ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, constant lr 0.03). "
+          f"(n = {E * cfg['per_epoch']}); TWA budget {cfg['budget']} epoch by the benchmarks' recipe (start: the best "
+          f"fixed merge by twa.best_start on the data TWA trains on; ProjectedAdamW with its defaults, 4 bits unless "
+          f"said; end: the average of the second half's iterates). Rows '(start X, end Y)' are the recipe's "
+          f"variants; '(start last, end last)' is the earlier default. "
           f"Train bpc on a fixed slice of the training split as long as the test split.\n\n"
           f"(a) head stage\n\n" + table(head)
           + f"\n(a') stable phase: n = {cfg['stable_n']} checkpoints over the last 0.5 epoch of a "
@@ -384,6 +421,11 @@ def main(argv=None):
           + "\nTargets (TWA-t train ≤ every in-span baseline's, TWA-v validation ≤ theirs), head stage:\n\n"
           + "\n".join(f"- {line}" for line in goals["head_stage"]) + "\n\nstable phase:\n\n"
           + "\n".join(f"- {line}" for line in goals["stable_phase"]) + "\n"
+          + "\nNever behind a free merge (test bpc ≤ the best fixed merge's + 2σ of the seed noise), head stage:\n\n"
+          + describe_test_targets(test_goals["head_stage"]) + "\n\nstable phase:\n\n"
+          + describe_test_targets(test_goals["stable_phase"]) + "\n"
+          + "\nStarts chosen by twa.best_start, head stage:\n\n" + describe_starts(head)
+          + "\n\nstable phase:\n\n" + describe_starts(stable) + "\n"
           + "\n(b) bits ablation of TWA-t\n\n" + table(ablation)
           + f"\n(c) soup of {cfg['soup_runs']} fine-tuning runs of {cfg['soup_epochs']} epoch from the epoch-{E} point\n\n"
           + table(soups) + "\n" + verdict(head, cfg) + "\n")
@@ -392,7 +434,7 @@ def main(argv=None):
                 {"config": cfg, "data": data_record, "head_stage": head, "stable_phase": stable,
                  "bits_ablation": ablation, "soup": soups, "base_curves": curves,
                  "twa_t_train_curves": {"head_stage": head_twa, "stable_phase": stable_twa},
-                 "targets": goals,
+                 "targets": goals, "test_targets": test_goals,
                  "alphas_seed0": alphas0.tolist(), "verdict": verdict(head, cfg)},
                 md, out_dir=args.out_dir)
     plot(curves, head, cfg, path[:-5] + "_curve.png")

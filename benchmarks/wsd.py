@@ -46,8 +46,11 @@ from tqdm.auto import tqdm
 
 import twa_kernels as twa
 from benchmarks.common import environment, markdown_table, save
+from benchmarks.in_span import describe_test_targets, test_targets
 from benchmarks.quality import mean_std
 from benchmarks.quality_text import Run, bits_per_char, loss_of, text_benchmark, windows
+from benchmarks.recipe import DEFAULT_END, DEFAULT_START, TWARun
+from benchmarks.recipe import label as recipe_label
 
 FULL = dict(context=64, width=192, layers=3, heads=4, batch=32, steps=1000, seeds=3, text_chars=None)
 QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, steps=200, seeds=1, text_chars=40_000)
@@ -58,6 +61,7 @@ EMA_GAMMA = 0.9
 COOLDOWNS = (0.10, 0.20)  # of the steps taken so far, from the raw checkpoint
 HYBRID_COOLDOWNS = (0.025, 0.05)
 TWA_BUDGET = 0.25 * COOLDOWNS[0]  # TWA's steps: a quarter of the 10 % cooldown's
+VARIANTS = (("last", "last"), ("last", "average"), ("center", "average"))
 STEP_TWA_BUDGET, STEP_CHECKPOINTS = 0.05, 10  # (b): TWA's budget as a fraction of S; checkpoints of the first half
 
 
@@ -158,11 +162,17 @@ def cooldown(run: Seed, state, opt_state, start, steps):
     return model
 
 
-def twa_run(run: Seed, window, split, steps, start, init="last", schedule=False):
+def twa_run(run: Seed, window, split, steps, start, recipe=(DEFAULT_START, DEFAULT_END), paper=False):
+    """TWA over ``window`` for ``steps`` on ``split``: by the benchmarks' recipe (``recipe`` = (start, end)
+    for its variants), or with ``paper=True`` the paper's protocol (from the centre, step decay)."""
     model = run.model(window[-1])
     space = twa.Subspace.from_checkpoints(model, window, bits=4, progress=False)
-    opt = twa.ProjectedAdamW(model.parameters(), space, init=init)
-    sched = twa.step_decay(opt, steps) if schedule else None
+    if paper:
+        opt = twa.ProjectedAdamW(model.parameters(), space, init="center")
+        sched = twa.step_decay(opt, steps)
+    else:
+        opt = TWARun(model, space, steps, run.start_loss(split), start=recipe[0], end=recipe[1])
+        sched = None
     batches = run.stream(split, start=start if split == "train" else 0, salt=0 if split == "train" else 1)
     model.train()
     for _ in range(steps):
@@ -172,6 +182,8 @@ def twa_run(run: Seed, window, split, steps, start, init="last", schedule=False)
         opt.step()
         if sched is not None:
             sched.step()
+    if not paper:
+        opt.finish()
     return model
 
 
@@ -212,6 +224,10 @@ def at_point(run: Seed, ckpts, state, opt_state, t, every) -> dict:
             record(f"{variant}, last {k}", model, twa_steps, tm.seconds)
             if variant == "TWA-t":
                 twa_points[f"{variant}, last {k}"] = params(model)
+        for recipe in VARIANTS:  # the recipe's other starts and ends, for TWA-t: how its defaults were chosen
+            with Timer() as tm:
+                model = twa_run(run, window, "train", twa_steps, t, recipe=recipe)
+            record(f"TWA-t{recipe_label(*recipe)}, last {k}", model, twa_steps, tm.seconds)
     # the hybrids start from points chosen on the validation split, never the test split
     best_twa = min(twa_points, key=lambda n: out[n]["val"])
     best_merge = min(merges, key=lambda n: out[n]["val"])
@@ -283,7 +299,7 @@ def step_protocol(run: Seed) -> dict:
     steps = max(1, round(STEP_TWA_BUDGET * S))
     for variant, split in (("TWA-t", "train"), ("TWA-v", "val")):
         with Timer() as tm:
-            m = twa_run(run, ckpts, split, steps, first_half, init="center", schedule=True)
+            m = twa_run(run, ckpts, split, steps, first_half, paper=True)
         out[f"{variant} from the centre, step decay"] = dict(run.evaluate(m), passes=first_half + steps, seconds=tm.seconds)
     return out
 
@@ -314,6 +330,21 @@ def verdicts(per_seed, t) -> list[str]:
                      f"{s[name]['passes']} passes vs the {cool} {s[cool]['test']:.3f} with {s[cool]['passes']} "
                      f"(difference {s[name]['test'] - s[cool]['test']:+.3f})")
     return lines
+
+
+def window_merges(names, k) -> list[str]:
+    """The fixed merges of the last ``k`` checkpoints: every WSM and EMA merge of a window of at most k
+    (a window of 5 lies inside the last 10), and the raw checkpoint."""
+    def size(n):
+        return int(n.split(", last ")[1].split(" ")[0])
+    return ["raw checkpoint"] + [n for n in names if n.startswith(("WSM", "EMA")) and "cooldown" not in n
+                                 and size(n) <= k]
+
+
+def never_behind(per_seed, t) -> dict:
+    """Per window: TWA-t's and TWA-v's test bpc against the best fixed merge of the same checkpoints."""
+    return {str(k): test_targets(per_seed, window_merges(per_seed[0], k), (f"TWA-t, last {k}", f"TWA-v, last {k}"),
+                                 "bpc") for k in WINDOWS}
 
 
 def plot(points, path):
@@ -371,16 +402,24 @@ def main(argv=None):
     env = environment(device)
     params_count = sum(p.numel() for p in Seed(split, vocab, cfg, 0).model().parameters())
     lines = {t: verdicts(results[t], t) for t in points}
+    behind = {t: never_behind(results[t], t) for t in points}
     md = (f"Warmup-stable-decay on pydoc_data.topics ({data_record['characters']:,} characters; {cfg['seeds']} seed(s); "
           f"{'quick smoke test, not a measurement; ' if args.quick else ''}{env['device']}; torch {env['torch']}; "
           f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
           f"Model: causal transformer, {params_count:,} parameters (width {cfg['width']}, {cfg['layers']} layers, context "
           f"{cfg['context']}). Stable run: AdamW lr {LR}, warm-up {WARMUP:.0%}, then constant, {S} steps "
-          f"({statistics.mean(run_seconds):.0f} s), a checkpoint every {S // CHECKPOINTS} steps. TWA: ProjectedAdamW "
-          f"with every default, 4 bits, {TWA_BUDGET:.1%} of t steps. Extra passes: forward+backward steps beyond "
+          f"({statistics.mean(run_seconds):.0f} s), a checkpoint every {S // CHECKPOINTS} steps. TWA by the "
+          f"benchmarks' recipe (start: the best fixed merge of the window by twa.best_start on the data TWA trains "
+          f"on; ProjectedAdamW with its defaults, 4 bits; end: the average of the second half's iterates), "
+          f"{TWA_BUDGET:.1%} of t steps; rows '(start X, end Y)' are its variants, '(start last, end last)' the "
+          f"earlier default. Extra passes: forward+backward steps beyond "
           f"the stable run up to t.\n\n"
           + "".join(f"(a) at t = {t}\n\n" + table(results[t]) + "\n" for t in points)
           + "Targets:\n\n" + "\n".join(f"- {line}" for t in points for line in lines[t]) + "\n\n"
+          + "Never behind a free merge (test bpc ≤ the best fixed merge of the window's checkpoints + 2σ of the "
+            "seed noise):\n\n"
+          + "".join(f"t = {t}, last {k}:\n\n" + describe_test_targets(behind[t][str(k)]) + "\n\n"
+                    for t in points for k in WINDOWS)
           + f"(b) the paper's protocol: step lr, {STEP_CHECKPOINTS} checkpoints of the first half, TWA from the "
             f"centre with step decay for {STEP_TWA_BUDGET:.0%} of S (passes: all steps spent)\n\n"
           + table(protocol) + "\n")
@@ -388,7 +427,8 @@ def main(argv=None):
     path = save("wsd" + ("_quick" if args.quick else ""), device,
                 {"config": cfg, "data": data_record, "parameters": params_count,
                  "points": {str(t): results[t] for t in points}, "step_protocol": protocol,
-                 "targets": {str(t): lines[t] for t in points}, "stable_run_seconds": run_seconds}, md,
+                 "targets": {str(t): lines[t] for t in points},
+                 "test_targets": {str(t): behind[t] for t in points}, "stable_run_seconds": run_seconds}, md,
                 out_dir=args.out_dir)
     plot(results, path[:-5] + ".png")
     os.remove(partial)

@@ -192,7 +192,16 @@ def test_quality_text_quick(tmp_path):
     head = data["head_stage"][0]
     # every method was trained and evaluated: finite bits per character, far below a uniform guess
     uniform = __import__("math").log2(len(data["data"]["vocabulary"]))
-    assert all(0 < r["test"] < uniform for r in head.values())
+    scores = {k: r for k, r in head.items() if k != "starts"}
+    assert all(0 < r["test"] < uniform for r in scores.values())
+    # the recipe's start was chosen among the in-span merges, and its variants ran beside it
+    from twa_kernels.start import run_candidates
+
+    n = data["config"]["half_epochs"] * data["config"]["per_epoch"]
+    assert head["starts"]["TWA-t"]["start"] in run_candidates(n)
+    assert head["starts"]["TWA-t"]["start_evaluations"] == len(run_candidates(n))
+    assert {"TWA-t, 4 bits (start last, end last)", "TWA-t, 4 bits (start best, end cosine)"} <= set(head)
+    assert set(data["test_targets"]["stable_phase"]["summary"]) == {"TWA-t, 4 bits", "TWA-v, 4 bits"}
     assert (tmp_path / "quality_text_quick_cpu_curve.png").stat().st_size > 0
 
 

@@ -78,6 +78,7 @@ LAYERS = (
     ("construction", "storage"),
     ("subspace",),
     ("optim",),
+    ("start",),
     ("integrations", "fit", "testing"),
     ("cli", "__main__", ""),
 )

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .checkpoints import label, load_state_dict, open_checkpoint
 
-__all__ = ["swa", "ema", "ema_weights", "lawa", "lawa_weights", "greedy_soup", "update_bn", "load_state_dict", "weighted_mean", "open_matching", "average_tensor"]
+__all__ = ["swa", "ema", "ema_weights", "lawa", "lawa_weights", "greedy_soup", "greedy_selection", "update_bn",
+           "load_state_dict", "weighted_mean", "open_matching", "average_tensor"]
 
 
 def weighted_mean(checkpoints: Sequence, weights: Sequence[float], *, key_map=None, trusted: bool = False,
@@ -102,31 +103,41 @@ def lawa_weights(n: int, k: int) -> list[float]:
     return [0.0] * (n - k) + [1.0 / k] * k
 
 
-def greedy_soup(model: torch.nn.Module, checkpoints: Sequence, evaluate: Callable[[torch.nn.Module], float],
-                *, after_load: Callable[[torch.nn.Module], None] | None = None):
-    """Greedy soup (Wortsman et al. 2022): sort checkpoints by ``evaluate`` (higher is better, e.g.
-    validation accuracy), then add each to the soup if the uniform average does not get worse.
-
-    ``after_load`` runs after each candidate is loaded (e.g. :func:`update_bn`). Returns
-    ``(state_dict, chosen indices)``; the model is left holding the soup."""
-    scores = []
-    for ck in checkpoints:
-        model.load_state_dict(load_state_dict(ck))
-        if after_load is not None:
-            after_load(model)
-        scores.append(float(evaluate(model)))
-    order = sorted(range(len(checkpoints)), key=lambda i: -scores[i])
-    chosen = [order[0]]
-    best = scores[order[0]]
+def greedy_selection(scores: Sequence[float], score_of: Callable[[list[int]], float]) -> tuple[list[int], float]:
+    """Greedy soup's choice (Wortsman et al. 2022), given each model's own score (higher is better) and
+    ``score_of(indices)``, the score of the uniform average of those models: start with the best model, try
+    the others best first, and keep each one whose addition does not lower the soup's score (≥: a model
+    that leaves the score exactly as it is joins; the released code's strict > would leave it out, which
+    only differs on exact ties). Returns (the kept indices in the order they joined, the soup's score);
+    ``score_of`` runs once per model after the first. Ties in ``scores`` go to the earlier index."""
+    if not scores:
+        raise ValueError("greedy selection needs at least one model")
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    chosen, best = [order[0]], float(scores[order[0]])
     for i in order[1:]:
-        trial = swa([checkpoints[j] for j in chosen + [i]])
-        model.load_state_dict(trial)
-        if after_load is not None:
-            after_load(model)
-        score = float(evaluate(model))
+        score = float(score_of(chosen + [i]))
         if score >= best:
             chosen.append(i)
             best = score
+    return chosen, best
+
+
+def greedy_soup(model: torch.nn.Module, checkpoints: Sequence, evaluate: Callable[[torch.nn.Module], float],
+                *, after_load: Callable[[torch.nn.Module], None] | None = None):
+    """Greedy soup (Wortsman et al. 2022): sort checkpoints by ``evaluate`` (higher is better, e.g.
+    validation accuracy), then add each to the soup if the uniform average does not get worse (see
+    :func:`greedy_selection`).
+
+    ``after_load`` runs after each candidate is loaded (e.g. :func:`update_bn`). Returns
+    ``(state_dict, chosen indices)``; the model is left holding the soup."""
+    def score(state) -> float:
+        model.load_state_dict(state)
+        if after_load is not None:
+            after_load(model)
+        return float(evaluate(model))
+
+    scores = [score(load_state_dict(ck)) for ck in checkpoints]
+    chosen, _ = greedy_selection(scores, lambda idx: score(swa([checkpoints[j] for j in idx])))
     soup = swa([checkpoints[j] for j in chosen])
     model.load_state_dict(soup)
     if after_load is not None:

@@ -14,17 +14,17 @@ class ProjectedAdamW(ProjectedOptimizer):
 
     def __init__(self, params, space, lr: float = 0.03, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 backend: str = "auto", init=DEFAULT_INIT, coordinates: str = "spread",
-                 nonfinite: str | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 backend: str = "auto", init=DEFAULT_INIT, average_after: int | None = None,
+                 coordinates: str = "spread", nonfinite: str | None = None, foreach: bool | None = None, fused: bool | None = None,
                  capturable: bool = False, differentiable: bool = False):
         self._check_nonnegative(learning_rate=lr, epsilon=eps, weight_decay=weight_decay)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas: {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, space, defaults, backend=backend, init=init, coordinates=coordinates,
-                         nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
-                         differentiable=differentiable)
+        super().__init__(params, space, defaults, backend=backend, init=init, average_after=average_after,
+                         coordinates=coordinates, nonfinite=nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _rule(self, group, rows, x, grad):
         state = {k: self._buffers[k][rows] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in self._buffers}

@@ -94,12 +94,16 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     _buffer_names: tuple[str, ...] = ()
 
     def __init__(self, params, space: Subspace, defaults: dict, *, backend: str = "auto",
-                 init=DEFAULT_INIT, coordinates: str = "spread", nonfinite: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
+                 init=DEFAULT_INIT, average_after: int | None = None, coordinates: str = "spread",
+                 nonfinite: str | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False):
         if not isinstance(space, Subspace):
             raise TypeError(f"space must be a twa_kernels.Subspace, got {type(space).__name__}")
+        init = getattr(init, "alpha", init)  # a twa.Start (what best_start chose) stands for its α
         alpha0 = initial_alphas(init, space)
+        if average_after is not None and (isinstance(average_after, bool) or not isinstance(average_after, int)
+                                          or average_after < 0):
+            raise ValueError(f"average_after must be a step count ≥ 0 or None, got {average_after!r}")
         if coordinates not in COORDINATES:
             raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
         if differentiable:
@@ -140,17 +144,20 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._beta = torch.zeros(shape, dtype=acc, device=device)
         self._step = torch.zeros((), dtype=acc, device=device)
         self._buffers = {name: torch.zeros(shape, dtype=acc, device=device) for name in self._buffer_names}
+        # The running mean of β after each step past ``average_after`` (n·L numbers: free per step), and
+        # how many steps it holds; swap_average() puts the weights there.
+        self.average_after = average_after
+        self._average = None if average_after is None else torch.zeros(shape, dtype=acc, device=device)
+        self._average_count = None if average_after is None else torch.zeros((), dtype=acc, device=device)
+        self._swapped = False
         self.coordinates = coordinates
         # β = scale · x per layer: the rule runs on x, in units of the layer's own checkpoint spread
         self._scale = self._coordinate_scale(device, acc)
         self._compensation = self._new_compensation()
         self._group_rows = self._layers_per_group(ordered, space)
-        beta0 = None
-        if alpha0 is not None:
-            beta0 = space.beta_for_alphas(alpha0).to(device, acc)[:, self._placement.column_slice(space.n)]
         self._placed_versions = None
         if init != "keep":
-            self._place(beta0)
+            self._place_alphas(alpha0)
             self._placed_versions = self._versions()
         self._follow_replaced_parameters(space)
         self._publish_state()
@@ -286,6 +293,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._beta = self._beta.to(device, acc)
         self._step = self._step.to(device, acc)
         self._buffers = {k: v.to(device, acc) for k, v in self._buffers.items()}
+        if self._average is not None:
+            self._average = self._average.to(device, acc)
+            self._average_count = self._average_count.to(device, acc)
         self._scale = self._coordinate_scale(device, acc)  # from fp64, as an optimizer made after the cast
         self._group_rows = [r.to(device) if isinstance(r, torch.Tensor) else r for r in self._group_rows]
         if dtype == old_dtype:
@@ -310,6 +320,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """weights += P̃ Δβ, with whatever communication the placement needs."""
         self._placement.apply(self._engine, self._binding, delta, self._compensation, self._comm)
 
+    def _place_alphas(self, alpha) -> None:
+        """weights = Σ α_i w_i as P̃ represents it (the centre for α = None), β accordingly."""
+        beta = None
+        if alpha is not None:
+            beta = self.space.beta_for_alphas(alpha).to(self._beta.device, self._beta.dtype)
+            beta = beta[:, self._placement.column_slice(self.space.n)]
+        self._place(beta)
+
     @torch.no_grad()
     def _place(self, beta) -> None:
         """weights = w̄ + P̃ β (β = 0 when None), compensation set so bf16 weights carry w̄ exactly."""
@@ -323,6 +341,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if beta is not None:
             self._apply_delta(beta)
             self._beta.copy_(beta)
+        else:
+            self._beta.zero_()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -353,6 +373,37 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """α by parameter name (see :meth:`Subspace.named_alphas`); a collective like :meth:`alphas`."""
         return self.space.named_alphas(self.gather_beta())
 
+    @property
+    def averaged_beta(self) -> torch.Tensor | None:
+        """[L, n] the mean of β over the steps after ``average_after`` (a copy; None without averaging).
+        While :meth:`swap_average` has the weights at the average, this is the last iterate's β."""
+        return None if self._average is None else self._average.detach().clone()
+
+    @property
+    def averaged_steps(self) -> int:
+        """How many iterates the average holds (0 without averaging or before ``average_after``)."""
+        return 0 if self._average_count is None else int(self._average_count)
+
+    @torch.no_grad()
+    def swap_average(self) -> None:
+        """Exchange the current point with the average of the iterates (β and the weights, one P̃Δβ): the
+        weights become w̄ + P̃β̄, where the step noise of a constant learning rate is averaged out. Call it
+        once when training ends (then save or evaluate the model); a second call swaps back, and
+        ``step()`` refuses to run while the average is in place. ``opt.beta``, :meth:`alphas` and the
+        saved state follow the swap."""
+        if self._average is None:
+            raise RuntimeError("this optimizer keeps no average of its iterates: make it with average_after=K")
+        if not self._swapped and self.averaged_steps == 0:
+            raise RuntimeError(f"no iterate has been averaged yet: averaging starts after step {self.average_after}, "
+                               f"the optimizer has taken {int(self._step)}")
+        self._follow()
+        current = self._beta.clone()
+        self._apply_delta(self._average - current)
+        self._beta.copy_(self._average)
+        self._average.copy_(current)
+        self._swapped = not self._swapped
+        self._publish_state()
+
     def sync_weights(self) -> None:
         """Set the weights to exactly w̄ + P̃β (e.g. after loading only the optimizer's state)."""
         self._place(self._beta.clone())
@@ -363,6 +414,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._swapped:
+            raise RuntimeError("the weights hold the average of the iterates (swap_average()): call swap_average() "
+                               "again before stepping")
         self._follow()
         self._placed_versions = None
         if not self._binding.any_grad():
@@ -400,7 +454,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 target[rows] = new if finite is None else torch.where(finite, new, target[rows])
         with record_function(APPLY_EVENT):
             self._apply_delta(self._beta - old)
+        if self._average is not None:
+            self._accumulate_average(finite)
         return loss
+
+    def _accumulate_average(self, finite) -> None:
+        """Fold this step's β into the running mean when the step is past ``average_after`` (and was not
+        skipped), with tensor operations only, so a captured step needs no host synchronisation."""
+        take = self._step > self.average_after
+        if finite is not None:
+            take = take & finite
+        take = take.to(self._average.dtype)
+        self._average_count += take
+        self._average.add_((take / self._average_count.clamp_min(1)) * (self._beta - self._average))
 
     def _prepare(self, c) -> None:
         """What a rule needs beyond (x, gradient) this step, computed before the weights move."""
@@ -428,6 +494,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             "buffers": self._buffers,
             "compensation": self._compensation,
             "shard": self._placement.state_tag(),
+            **({} if self._average is None else {
+                "average": self._average, "average_count": self._average_count,
+                "average_after": self.average_after, "average_swapped": self._swapped}),
         }}
 
     def state_dict(self):
@@ -470,6 +539,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         comp = twa.get("compensation")
         if (comp is None) != (self._compensation is None):
             raise ValueError("state_dict was saved for parameters of another precision")
+        if twa.get("average_after") != self.average_after:
+            raise ValueError(f"state_dict averages the iterates after step {twa.get('average_after')}, this optimizer "
+                             f"after {self.average_after} (make it with average_after={twa.get('average_after')!r})")
         plain = {k: v for k, v in state_dict.items() if k != "twa"}
         plain["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "twa"}
                           for k, v in (state_dict.get("state") or {}).items()}
@@ -479,6 +551,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._step.copy_(twa["step"])
         for k, v in twa["buffers"].items():
             self._buffers[k].copy_(v)
+        if self._average is not None:
+            self._average.copy_(twa["average"])
+            self._average_count.copy_(twa["average_count"])
+            self._swapped = bool(twa.get("average_swapped", False))
         if comp is not None:
             self._compensation.copy_(comp)
         self._publish_state()

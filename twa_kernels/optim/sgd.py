@@ -18,11 +18,18 @@ class ProjectedSGD(ProjectedOptimizer):
     Args mirror ``torch.optim.SGD`` (``foreach``, ``fused``, ``capturable``, ``differentiable``: see
     :class:`~twa_kernels.optim.ProjectedOptimizer`); ``params`` are the model's trainable parameters in
     any grouping and order (plain tensors bind by identity to the model the subspace was built from or
-    bound to, named ones by name); ``space`` is the :class:`~twa_kernels.Subspace`; ``backend``, ``init``
-    ("center" puts the model at w̄, "last" at the last checkpoint, "keep" leaves the weights as they are:
-    for resuming when the model's weights were loaded before the optimizer was made) and ``nonfinite`` ("raise", or "skip"
-    to drop a step with a NaN/Inf gradient without a host sync; the default with ``capturable=True``)
-    are TWA's own. A parameter whose ``.grad`` is None contributes a zero gradient to its layer.
+    bound to, named ones by name); ``space`` is the :class:`~twa_kernels.Subspace`. TWA's own arguments:
+
+    - ``init``: where training starts. "center" puts the model at w̄ (the uniform merge), "last" at the last
+      checkpoint, averaging weights α (or the :class:`~twa_kernels.Start` that :func:`~twa_kernels.best_start`
+      chose on data) at Σ α_i w_i, and "keep" leaves the weights as they are (for resuming when the model's
+      weights were loaded before the optimizer was made).
+    - ``average_after``: keep the running mean of β over the steps after this one; :meth:`swap_average`
+      puts the weights there when training ends (None: no average).
+    - ``backend`` (see :mod:`twa_kernels.backends`) and ``nonfinite`` ("raise", or "skip" to drop a step
+      with a NaN/Inf gradient without a host sync; the default with ``capturable=True``).
+
+    A parameter whose ``.grad`` is None contributes a zero gradient to its layer.
     """
 
     _buffer_names = ("momentum_buffer",)
@@ -30,7 +37,7 @@ class ProjectedSGD(ProjectedOptimizer):
     def __init__(self, params, space, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  decay_to: str = "center", backend: str = "auto", init=DEFAULT_INIT,
-                 coordinates: str = "spread", nonfinite: str | None = None, foreach: bool | None = None,
+                 average_after: int | None = None, coordinates: str = "spread", nonfinite: str | None = None, foreach: bool | None = None,
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
         self._check_nonnegative(learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -40,9 +47,9 @@ class ProjectedSGD(ProjectedOptimizer):
         self.decay_to = decay_to
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        super().__init__(params, space, defaults, backend=backend, init=init, coordinates=coordinates,
-                         nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
-                         differentiable=differentiable)
+        super().__init__(params, space, defaults, backend=backend, init=init, average_after=average_after,
+                         coordinates=coordinates, nonfinite=nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _prepare(self, c) -> None:
         # ½λ‖w‖² of the weights themselves: its gradient λw, projected like the loss gradient
