@@ -97,11 +97,11 @@ def steps_per_epoch(ids, context, batch):
 
 # ---------------------------------------------------------------------------------------------- model
 class CharTransformer(nn.Module):
-    def __init__(self, vocab, context, width, layers, heads):
+    def __init__(self, vocab, context, width, layers, heads, dropout=0.0):
         super().__init__()
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(context, width)
-        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)

@@ -40,11 +40,15 @@ class TWARun:
 
     def __init__(self, model: torch.nn.Module, space: twa.Subspace, steps: int,
                  evaluate: Callable[[torch.nn.Module], float] | None, *, ordered: bool = True,
-                 start: str = DEFAULT_START, end: str = DEFAULT_END, **optimizer_kwargs):
+                 start: str = DEFAULT_START, end: str = DEFAULT_END, init=None, **optimizer_kwargs):
+        """``init``: a fixed start (averaging weights α) in place of ``start``'s."""
         if start not in STARTS or end not in ENDS:
             raise ValueError(f"start must be one of {STARTS} and end one of {ENDS}, got {start!r}, {end!r}")
         self.start = None
-        init = start
+        if init is not None:
+            start = "fixed"
+        else:
+            init = start
         if start == "best":
             if evaluate is None:
                 raise ValueError("start='best' needs an evaluate function")
