@@ -181,6 +181,7 @@ def phase_fit(folders: list[str], workdir: str, run: dict) -> dict:
                        os.path.join(workdir, "text.txt"), "-o", out, "--tokenizer", "bytes",
                        "--bits", str(run["bits"]), "--steps", str(run["twa_steps"]), "--context", str(run["context"]),
                        "--batch", str(run["batch"]), "--eval-tokens", str(run["eval_tokens"]), "--report", report,
+                       "--text-split", "position", "--split", "val",
                        "--quiet", "--device", "cpu"])
     with open(report) as f:
         result = json.load(f)

@@ -56,6 +56,7 @@ def digest(folder) -> str:
 
 def fit(root, folders, out, *extra):
     return main(["fit", *folders, "--text", str(root / "text.txt"), "-o", str(out), "--tokenizer", "bytes",
+                 "--text-split", "position",
                  "--steps", str(STEPS), "--context", str(CONTEXT), "--batch", "2", "--eval-tokens", "512",
                  "--device", "cpu", "--quiet", *extra])
 
@@ -113,7 +114,7 @@ def test_fit_bad_input_is_refused_before_any_work(run, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = ["fit", *folders, "--text", str(root / "text.txt"), "-o", str(out), "--tokenizer", "bytes", "--quiet"]
     expect = {"exists": "exists", "one": "at least two", "not_hf": "not a Hugging Face checkpoint folder",
-              "no_tokenizer": "--tokenizer bytes", "short_text": "fewer than one window"}[case]
+              "no_tokenizer": "--tokenizer bytes", "short_text": "fewer than one batch"}[case]
     if case == "exists":
         out.mkdir()
     elif case == "one":

@@ -6,7 +6,8 @@
     twa build CKPT... --bits 4 -o space.safetensors   build a subspace; names and shapes from the first checkpoint
     twa info FILE                                  what a subspace or a checkpoint holds
     twa alphas SPACE STATE                         α per layer by parameter name, as JSON
-    twa fit CKPT... --text FILE -o OUT             a learned merge of Hugging Face causal-LM checkpoints (TWA)
+    twa average greedy CKPT... --val FILE -o OUT   the greedy soup of Hugging Face models, chosen on data
+    twa fit CKPT... --val FILE --eval FILE -o OUT  a learned merge of Hugging Face checkpoints (TWA)
 
 Every subcommand has ``--help``. Bad input gets one line naming the problem on stderr and exit status 1
 (2 for a malformed command line); nothing is written unless the whole command succeeds.
@@ -29,6 +30,8 @@ from .backends import backend_report, format_backend_report
 from .baselines import average_tensor, ema_weights, lawa_weights, open_matching
 from .checkpoints import label, open_checkpoint
 from .decay import DECAY_FAMILIES, check_merge_weights, decay_merge_weights
+from .fit.run import INITS, SPLITS, TEXT_SPLITS
+from .fit.tasks import TASKS
 from .hf_output import check_new_output, hf_weights_file, write_model
 from .optim import twa_state
 from .packing import SUPPORTED_BITS
@@ -122,14 +125,43 @@ def _window(args, inputs: list[str]) -> list[str]:
     return chosen
 
 
+def _fit_module():
+    """twa_kernels.fit, with a one-line error where transformers (which it loads models with) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError("this command loads Hugging Face models and needs transformers: pip install "
+                         "'twa-kernels[hf]'")
+    from . import fit
+
+    return fit
+
+
+def _greedy_weights(args, inputs: list[str]) -> list[float]:
+    """'twa average greedy': the greedy soup chosen on --val (each model, then each addition, scored)."""
+    if args.val is None:
+        raise UsageError("'twa average greedy' chooses the models on data: give --val FILE (a text, or JSON lines "
+                         "with --task sequence-classification)")
+    found = _fit_module().greedy(inputs, args.val, task=args.task, context=args.context, tokenizer=args.tokenizer,
+                                 batch=args.batch, eval_tokens=args.eval_tokens, device=args.device,
+                                 progress=False if args.quiet else None, trusted=args.trusted)
+    names = [os.path.basename(os.path.normpath(p)) for p in inputs]
+    print(f"greedy soup on {args.val} ({found['items']} {found['unit']}s): kept {len(found['kept'])} of {len(inputs)}: "
+          + ", ".join(names[i] for i in found["kept"]) + f" (loss {found['soup_loss']:.4f}; each model: "
+          + ", ".join(f"{nm} {x:.4f}" for nm, x in zip(names, found["losses"])) + ")")
+    return found["weights"]
+
+
 def _average(args) -> int:
     inputs = _window(args, list(args.checkpoints))
     if len(inputs) < 2:
         raise UsageError(f"averaging needs at least two checkpoints, got {len(inputs)}")
-    weights = _weights(args, len(inputs))
+    if args.val is not None and args.method != "greedy":
+        raise UsageError(f"--val belongs to 'twa average greedy', not {args.method!r}")
     hf = all(hf_weights_file(p) is not None for p in inputs)
     out = os.fspath(args.output)
     check_new_output(out, folder=hf, what="averaged model")
+    weights = _greedy_weights(args, inputs) if args.method == "greedy" else _weights(args, len(inputs))
     sources = open_matching(inputs, trusted=args.trusted)
     keys = list(sources[0].keys())
     write_model(out, keys, lambda k: average_tensor(sources, weights, k), like=inputs[-1] if hf else None,
@@ -260,20 +292,20 @@ def _alphas(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- fit
 def _fit(args) -> int:
-    try:
-        from .fit import fit_causal_lm, summary
-    except ImportError as err:
-        raise UsageError(f"twa fit needs transformers ({err}): pip install 'twa-kernels[hf]'") from None
+    fit = _fit_module()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    report = fit_causal_lm(args.checkpoints, args.text, args.output, split=args.split, bits=int(args.bits),
-                           steps=args.steps, lr=args.lr, context=args.context, batch=args.batch,
-                           eval_tokens=args.eval_tokens, holdout=args.holdout, tokenizer=args.tokenizer,
-                           seed=args.seed, dtype=dtype, device=args.device,
-                           progress=False if args.quiet else None, trusted=args.trusted)
+    report = fit.fit(args.checkpoints, args.output, task=args.task, text=args.text, val=args.val,
+                     eval_file=args.eval, split=args.split, text_split=args.text_split, base=args.base, init=args.init,
+                     bits=int(args.bits), steps=args.steps, lr=args.lr, context=args.context, batch=args.batch,
+                     eval_tokens=args.eval_tokens, holdout=args.holdout, tokenizer=args.tokenizer, seed=args.seed,
+                     dtype=dtype, device=args.device, progress=False if args.quiet else None, trusted=args.trusted)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"twa fit: {summary(report)}")
+    print(f"twa fit: {fit.summary(report)}")
+    if report["versus"]["within_noise"]:
+        print(f"twa fit: note: TWA and the {report['versus']['rival']} differ by less than two standard errors of the "
+              f"eval ({report['eval_items']} {report['unit']}s): more eval data would tell them apart", file=sys.stderr)
     return 0
 
 
@@ -302,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exact weighted sum of explicit --weights (never renormalized unless --normalize), "
                                    "or the merge that stands for a learning-rate decay of the checkpoints of a "
                                    "constant-lr run (--decay; WSM's identity: linear decay is the uniform merge).")
-    p.add_argument("method", choices=["uniform", "ema", "lawa", "weighted"])
+    p.add_argument("method", choices=["uniform", "ema", "lawa", "weighted", "greedy"])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or folders, oldest first")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file, or a new folder")
     p.add_argument("--gamma", type=float, default=0.9, help="EMA decay (m ← γ m + (1 − γ) w), default 0.9")
@@ -317,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the last K checkpoints (by the step in their names when every name has one)")
     p.add_argument("--steps", default=None, metavar="START:END",
                    help="only the checkpoints whose name's step lies in [START, END], in step order")
+    p.add_argument("--val", default=None, metavar="FILE",
+                   help="greedy: the data each model and each addition is scored on (a text, or JSON lines)")
+    p.add_argument("--task", default="causal-lm", choices=list(TASKS), help="greedy: the models' kind")
+    p.add_argument("--context", type=int, default=None, help="greedy: tokens per window or example")
+    p.add_argument("--tokenizer", default="auto", help="greedy: auto, bytes, or a name or path")
+    p.add_argument("--batch", type=int, default=4, help="greedy: windows or examples per forward pass")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="greedy: tokens of --val scored (default 16384)")
+    p.add_argument("--device", default=None, help="greedy: cpu or cuda (default: cuda when visible)")
     reading(p)
     p.set_defaults(run=_average)
 
@@ -351,29 +391,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state")
     p.set_defaults(run=_alphas)
 
-    p = sub.add_parser("fit", help="a learned merge of Hugging Face causal-LM checkpoints (TWA), streamed",
-                       description="Build the subspace of the checkpoints (streamed), train TWA (ProjectedAdamW, its "
-                                   "defaults, from the last checkpoint) on the text, and write the merged model as a "
-                                   "Hugging Face folder like the last checkpoint, with α per layer as "
-                                   "twa_alphas.json. The text is cut by position: the last --holdout is held out; "
-                                   "TWA-v (--split val) trains on its first half, TWA-t (--split train) on the rest "
-                                   "of the text; every loss reported is on the second half, which nothing trains on.")
-    p.add_argument("checkpoints", nargs="+", help="Hugging Face checkpoint folders, oldest first")
-    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p = sub.add_parser("fit", help="a learned merge of Hugging Face checkpoints (TWA): fine-tunes or one run's",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""Learn how to average Hugging Face checkpoints on data, and write the merge.
+
+Give the data as --val FILE (what TWA-v learns on, and what the start and the greedy soup are chosen on) and
+--eval FILE (what every reported loss is measured on), or as one --text FILE, dealt at random into 75 % val
+and 25 % eval. The start is the best of the exact merges on the val data (each model, the uniform and the
+greedy soup; with --base, task arithmetic too), whatever order the checkpoints come in. ProjectedAdamW with
+its defaults then trains for --steps steps, and the average of the second half's iterates is written, like
+the last checkpoint (sharded the same way, configs copied), with α per layer as twa_alphas.json. The summary
+gives the last checkpoint, the best single model, the greedy soup, the uniform merge and TWA on the eval
+data, with standard errors.
+
+Checkpoints of one run trained on the text's beginning: --text-split position keeps the layout where the
+first 1 − --holdout trains (TWA-t with --split train) and the rest is halved into val and eval.""")
+    p.add_argument("checkpoints", nargs="+", help="Hugging Face checkpoint folders (fine-tunes in any order, or a "
+                                                  "run's checkpoints oldest first)")
     p.add_argument("-o", "--output", required=True, help="a new folder for the merged model")
-    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--text", "--data", dest="text", default=None, metavar="FILE",
+                   help="one data file, split here: a UTF-8 text (causal-lm) or JSON lines (sequence-classification)")
+    p.add_argument("--val", default=None, metavar="FILE", help="the data TWA-v learns on and choices are made on")
+    p.add_argument("--eval", default=None, metavar="FILE", help="the data every reported loss is measured on")
+    p.add_argument("--task", default="causal-lm", choices=list(TASKS),
+                   help="causal-lm (AutoModelForCausalLM, a text) or sequence-classification "
+                        "(AutoModelForSequenceClassification, JSON lines with 'text' and 'label')")
+    p.add_argument("--init", default="best", choices=list(INITS),
+                   help="the start: best (default: the best merge on the val data), greedy (the greedy soup), "
+                        "center (the uniform merge of every point) or last (the last checkpoint given)")
+    p.add_argument("--base", default=None, metavar="PRETRAINED",
+                   help="the pretrained model the fine-tunes started from: it joins the span, so task arithmetic "
+                        "and layer-wise task-vector merges lie in what TWA searches, and task arithmetic is reported")
+    p.add_argument("--split", default="val", choices=list(SPLITS),
+                   help="val (TWA-v, default) or train (TWA-t, on the training part of --text)")
+    p.add_argument("--text-split", default="chunks", choices=list(TEXT_SPLITS),
+                   help="how one --text is split: chunks (at random, default) or position (a run's training text)")
     p.add_argument("--bits", default="4", choices=[*map(str, SUPPORTED_BITS)])
     p.add_argument("--steps", type=int, default=100, help="TWA steps (default 100)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: ProjectedAdamW's)")
-    p.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored (default 16384)")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of the text held out (default 0.1)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per window or example (default 256 for causal-lm, 512 for classification, within "
+                        "the model's max_position_embeddings; more than that is refused)")
+    p.add_argument("--batch", type=int, default=4, help="windows or examples per step (default 4)")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="tokens scored per evaluation, of the eval data and of the val data for the choices "
+                        "(default 16384)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="--text-split position: the fraction of the text held out (default 0.1)")
     p.add_argument("--tokenizer", default="auto",
                    help="auto (the last checkpoint's), bytes (UTF-8 bytes as ids), or a name or path")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the random split and the batches")
     p.add_argument("--report", default=None, metavar="FILE", help="write every figure as JSON")
     reading(p)
     p.set_defaults(run=_fit)

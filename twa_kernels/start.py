@@ -63,8 +63,43 @@ def run_candidates(n: int) -> dict[str, list[float]]:
     return out
 
 
-def _one_hot(n: int, i: int) -> list[float]:
-    return [1.0 if j == i else 0.0 for j in range(n)]
+def subset_weights(n: int, members, among=None) -> list[float]:
+    """α of the uniform average of ``members`` (indices into ``among``, default range(n)) over n points."""
+    among = list(range(n)) if among is None else list(among)
+    chosen = {among[i] for i in members}
+    return [1.0 / len(chosen) if j in chosen else 0.0 for j in range(n)]
+
+
+def soup_candidates(n: int, loss_at: Callable, among=None) -> tuple[dict, dict, tuple]:
+    """The merges of models given in no order, each scored by ``loss_at(α)``: the uniform soup, every single
+    model and the greedy soup (:func:`~twa_kernels.baselines.greedy_selection` on those scores; listed only
+    when it keeps more than one model). ``among``: the indices of the n points that are models (default all;
+    a pretrained base point is left out). Returns ({name: loss}, {name: α}, the greedy soup's members as
+    indices into ``among``); names are "uniform", "model i" (i counts within ``among``) and
+    "greedy soup (k of m)"."""
+    among = list(range(n)) if among is None else list(among)
+    m = len(among)
+    losses, alphas = {}, {}
+
+    def add(name, alpha, loss=None):
+        alphas[name] = alpha
+        losses[name] = loss_at(alpha) if loss is None else loss
+        return losses[name]
+
+    add("uniform", subset_weights(n, range(m), among))
+    single = [add(f"model {i}", subset_weights(n, [i], among)) for i in range(m)]
+    tried: dict[tuple, float] = {}
+
+    def soup_score(idx):
+        key = tuple(sorted(idx))
+        tried[key] = loss_at(subset_weights(n, key, among))
+        return -tried[key]
+
+    kept, _ = greedy_selection([-x for x in single], soup_score)
+    kept = tuple(sorted(kept))
+    if len(kept) > 1:  # a soup of one model is that model, already a candidate
+        add(f"greedy soup ({len(kept)} of {m})", subset_weights(n, kept, among), tried[kept])
+    return losses, alphas, kept
 
 
 def best_start(model: torch.nn.Module, space: Subspace, evaluate: Callable[[torch.nn.Module], float], *,
@@ -108,23 +143,11 @@ def best_start(model: torch.nn.Module, space: Subspace, evaluate: Callable[[torc
         for name, alpha in run_candidates(n).items():
             consider(name, alpha)
     else:
-        consider("uniform", [1.0 / n] * n)
-        single = [consider(f"model {i}", _one_hot(n, i)) for i in range(n)]
-
-        def subset(idx) -> list[float]:
-            return [1.0 / len(idx) if j in idx else 0.0 for j in range(n)]
-
-        tried: dict[tuple, float] = {}
-
-        def soup_score(idx: list[int]) -> float:
-            tried[tuple(sorted(idx))] = loss_at(subset(idx))
-            return -tried[tuple(sorted(idx))]
-
-        kept, _ = greedy_selection([-x for x in single], soup_score)
-        if len(kept) > 1:  # a soup of one model is that model, already a candidate
-            name = f"greedy soup ({len(kept)} of {n})"
-            consider(name, subset(kept), tried[tuple(sorted(kept))])
-            members[name] = tuple(sorted(kept))
+        found, alpha_of, kept = soup_candidates(n, loss_at)
+        for name, loss in found.items():
+            consider(name, alpha_of[name], loss)
+        if kept:
+            members[f"greedy soup ({len(kept)} of {n})"] = kept
     for name, alpha in (candidates or {}).items():
         consider(str(name), alpha)
     bar.close()
