@@ -234,15 +234,16 @@ class TestBadInput:
 
     def test_code_is_never_run(self, tmp_path):
         model = make_model()
-        path = tmp_path / "evil.pt"
+        path, marker = tmp_path / "evil.pt", tmp_path / "ran"
 
-        class Evil:
+        class Evil:  # unpickling this runs code: it creates the marker file
             def __reduce__(self):
-                return (print, ("pwned",))
+                return (open, (str(marker), "w"))
 
         torch.save({"fc1.weight": Evil()}, path)
         with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
             build(model, [str(path), str(path)])
+        assert not marker.exists()
 
     def test_corrupt_subspace_file(self, tmp_path):
         model = make_model()
