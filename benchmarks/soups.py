@@ -52,12 +52,12 @@ from benchmarks.quality import mean_std
 from benchmarks.quality_text import CharTransformer, bits_per_char, corpus_text, windows
 from benchmarks.recipe import TWARun
 
-FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, pretrain_steps=1200, code_chars=800_000,
+FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, pretrain_steps=1000, code_chars=800_000,
             text_chars=None, chunk=1024, finetunes=16, seeds=3, twa_epochs=5, table11_steps=300)
-QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, pretrain_steps=120, code_chars=60_000,
-             text_chars=60_000, chunk=256, finetunes=8, seeds=1, twa_epochs=2, table11_steps=50)
+QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, pretrain_steps=100, code_chars=40_000,
+             text_chars=30_000, chunk=256, finetunes=8, seeds=1, twa_epochs=1, table11_steps=40)
 PRETRAIN_LR, WARMUP = 3e-3, 0.05
-SEARCH = {"lr": (1e-4, 3e-3), "weight_decay": (1e-4, 0.3), "steps": (0.5, 2.0), "label_smoothing": (0.0, 0.2),
+SEARCH = {"lr": (1e-4, 3e-3), "weight_decay": (1e-4, 0.3), "steps": (0.25, 1.0), "label_smoothing": (0.0, 0.2),
           "dropout": (0.0, 0.1, 0.2)}  # steps: fractions of one epoch of the fine-tuning split
 TABLE11_LR, TABLE11_CHECKPOINTS = 1e-3, 10
 SPLIT_SEED = 1234
