@@ -79,3 +79,13 @@ def assert_same_bits(proj, engines, g, delta, w, segments=None, device="cpu"):
         eng.expand(w_eng, delta.to(device))
         pairs = zip(w_eng, w_ref) if isinstance(w, list) else [(w_eng, w_ref)]
         assert all(torch.equal(a.cpu(), b) for a, b in pairs)
+
+
+def point_bound(dense, betas, weights):
+    """Elementwise bound on |w − (w̄ + P̃β)| for fp32 weights set to w̄, then moved in place through the β of
+    ``betas`` (β after each move, the first from 0): each move rounds its sum over the n columns,
+    (n + 3)·u Σ_j |P̃_ij Δβ_j| (Higham), and its addition to the weight, u·|w_i|; ``dense`` holds P̃ per layer."""
+    n = betas[0].shape[1]
+    moves = sum(torch.cat([d.double().abs() @ (b1.double() - b0.double()).abs() for d, b0, b1 in zip(dense, s0, s1)])
+                for s0, s1 in zip([torch.zeros_like(betas[0])] + list(betas[:-1]), betas))
+    return (n + 3) * U32 * moves + len(betas) * U32 * weights.double().abs()
