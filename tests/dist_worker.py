@@ -64,11 +64,11 @@ def rank_main(rank, world, init_file, out_dir, scenario, worker):
     dist.destroy_process_group()
 
 
-def error_of(fn, *args, **kwargs) -> str | None:
-    """The message of the ValueError ``fn(*args, **kwargs)`` raises, or None when it raises none."""
+def error_of(fn, *args, kind=ValueError, **kwargs) -> str | None:
+    """The message of the ``kind`` error ``fn(*args, **kwargs)`` raises, or None when it raises none."""
     try:
         fn(*args, **kwargs)
-    except ValueError as err:
+    except kind as err:
         return str(err)
     return None
 
@@ -118,7 +118,8 @@ def worker(rank, world, out_dir, scenario):
                     m = make_model(d_in=5, hidden=7, d_out=3)
                     betas, weights, opt = train(m, space, name, data, rank, world)
                     result[(mode, bits, name)] = {"betas": betas, "weights": weights,
-                                                  "comm": opt.comm_bytes, "nbytes": space.nbytes}
+                                                  "comm": opt.comm_bytes, "nbytes": space.nbytes,
+                                                  "beta_error": error_of(lambda: opt.beta, kind=RuntimeError)}
     elif scenario == "ddp":
         # DDP with its gradient all-reduce switched off: TWA's step averages over ranks itself.
         from torch.nn.parallel import DistributedDataParallel as DDP

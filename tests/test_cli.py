@@ -213,3 +213,48 @@ def test_bad_input_names_the_problem_and_writes_nothing(files, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".twa-")]  # no staging left behind
     r = twa_cli("average", "median", *paths, "-o", out)
     assert r.returncode == 2  # a malformed command line: argparse's usage error
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("method,extra", [("uniform", ()), ("lawa", ("--k", "2")), ("weighted", ("--decay", "linear"))])
+def test_average_leaves_its_inputs_unchanged(files, tmp_path, method, extra):
+    _, _, paths = files
+    before = [_digest(p) for p in paths]
+    r = twa_cli("average", method, *paths, "-o", tmp_path / "out.safetensors", *extra, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert [_digest(p) for p in paths] == before
+    # and an output that already exists is refused without touching it or them
+    r = twa_cli("average", method, *paths, "-o", tmp_path / "out.safetensors", *extra, "--quiet")
+    assert [_digest(p) for p in paths] == before
+
+
+def test_trusted_opts_in_to_pickles_that_run_code(tmp_path):
+    # A Lightning-style checkpoint whose hyper-parameters are an argparse.Namespace: torch's weights-only
+    # loader refuses it, and so does twa until --trusted says the file is trusted.
+    import argparse
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"c{i}.ckpt")
+        torch.save({"state_dict": {"w": torch.full((3,), float(i))}, "hyper_parameters": argparse.Namespace(lr=0.1)},
+                   paths[-1])
+    out = tmp_path / "avg.safetensors"
+    r = twa_cli("average", "uniform", *paths, "-o", out, "--quiet")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "cannot be loaded without running code" in r.stderr and "--trusted" in r.stderr and not out.exists()
+    r = twa_cli("average", "uniform", *paths, "-o", out, "--quiet", "--trusted")
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(load_file(out)["w"], torch.full((3,), 0.5))
+    r = twa_cli("build", *paths, "-o", tmp_path / "s.safetensors", "--quiet")
+    assert r.returncode == 1 and "--trusted" in r.stderr
+    r = twa_cli("build", *paths, "-o", tmp_path / "s.safetensors", "--quiet", "--trusted")
+    assert r.returncode == 0, r.stderr

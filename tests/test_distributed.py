@@ -33,6 +33,13 @@ def test_every_mode_follows_the_single_process_run(world, tmp_path, reference):
         for step, (a, b) in enumerate(zip(first["betas"], ref_betas)):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (key, step, (a - b).abs().max())
         assert torch.allclose(first["weights"], ref_weights, rtol=1e-10, atol=1e-12), key
+    # opt.beta gives all of β where each rank holds it, and refuses (pointing at the collective) where the
+    # columns are split over ranks
+    for key, first in results[0].items():
+        if key[0] == "columns":
+            assert "call opt.gather_beta() on every rank" in first["beta_error"], key
+        else:
+            assert first["beta_error"] is None, key
     # What crosses the network per step, counted at each collective (float64 here: 8 bytes).
     space_numel = sum(p.numel() for p in dist_worker.make_model(d_in=5, hidden=7, d_out=3).parameters())
     steps, L, n = dist_worker.STEPS, 5, 5

@@ -250,6 +250,32 @@ def test_killed_writes_leave_nothing_the_next_write_keeps(space_file, tmp_path):
     assert remove_stale_temporaries(str(tmp_path)) == []
 
 
+def test_the_writes_of_a_live_process_on_this_host_are_left_alone(space_file, tmp_path):
+    # Another process of this host is still writing (it runs while the next write cleans up): its
+    # temporaries stay; a finished process's go.
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        host = temporary_name("x").split(".tmp-", 1)[1].rsplit("-", 1)[0]
+        writing = tmp_path / f"s.safetensors.tmp-{host}-{live.pid}"
+        writing.write_bytes(b"a subspace being written")
+        staging = tmp_path / f".twa-average-{host}-{live.pid}-abcd"
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"x" * 1000)
+        stale = tmp_path / f"t.safetensors.tmp-{host}-{dead.pid}"
+        stale.write_bytes(b"half")
+        twa.Subspace.load(space_file).save(tmp_path / "again.safetensors")
+        assert writing.read_bytes() == b"a subspace being written" and (staging / "model.safetensors").exists()
+        assert not stale.exists()
+    finally:
+        live.kill()
+        live.wait()
+    # once it has ended, the next write removes what it left
+    twa.Subspace.load(space_file).save(tmp_path / "third.safetensors")
+    assert not writing.exists() and not staging.exists()
+
+
 # ---------------------------------------------------------------------------------------------- 9. replaced parameters
 def test_a_parameter_object_replaced_after_the_optimizer_was_made_is_followed():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
@@ -333,3 +359,59 @@ def test_fuzzed_files_raise_only_checkpoint_errors_naming_them(tmp_path, space_f
     if reader == "subspace":
         assert outcomes["read"] == 0  # its checksum covers every byte that loads
     assert outcomes["error"] >= 20, outcomes
+
+
+# ---------------------------------------------------------------------------------------------- bad input, model untouched
+def _untouched_cases():
+    from reference import make_checkpoints, make_model
+
+    def build(ckpts, **kw):
+        return lambda model: twa.Subspace.from_checkpoints(model, ckpts, progress=False, **kw)
+
+    def ckpts(change=None):
+        def make(model):
+            out = make_checkpoints(model, 3)
+            if change is not None:
+                change(out)
+            return out
+        return make
+
+    def shape(c):
+        c[2]["fc1.bias"] = torch.zeros(8, dtype=torch.float64)
+
+    def meta(c):
+        c[1]["fc1.weight"] = c[1]["fc1.weight"].to("meta")
+
+    return {
+        "fewer than two checkpoints": (lambda m: build(make_checkpoints(m, 1))(m), "at least two checkpoints"),
+        "identical checkpoints": (lambda m: build([make_checkpoints(m, 1)[0]] * 3)(m), "identical"),
+        "a missing key": (lambda m: build(ckpts(lambda c: c[1].pop("fc2.weight"))(m))(m), "lacks 1"),
+        "a shape mismatch": (lambda m: build(ckpts(shape)(m))(m), "has shape"),
+        "unsupported bits": (lambda m: build(ckpts()(m), bits=3)(m), "unsupported bit width 3"),
+        "a checkpoint with no values (meta)": (lambda m: build(ckpts(meta)(m))(m), "meta device"),
+    }, make_model
+
+
+@pytest.mark.parametrize("case", list(_untouched_cases()[0]))
+def test_bad_input_names_the_problem_and_leaves_the_model_untouched(case):
+    cases, make_model = _untouched_cases()
+    run, message = cases[case]
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message) as err:
+        run(model)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_parameters_on_two_devices_are_refused_and_left_where_they_are():
+    # (a meta module stands in for a second device on a machine with one)
+    from reference import make_checkpoints, make_model
+
+    model = make_model()
+    space = twa.Subspace.from_checkpoints(model, make_checkpoints(model, 3), progress=False)
+    model.fc2 = model.fc2.to("meta")
+    before = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}
+    with pytest.raises(ValueError, match="parameters are on different devices"):
+        twa.ProjectedAdamW(model.parameters(), space)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)

@@ -257,6 +257,9 @@ class MappingSource(Source):
         value = self._map[name]
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{self.label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        if value.is_meta:
+            raise CheckpointError(f"{self.label}: entry {name!r} is on the meta device and holds no values "
+                                  "(load the weights before building)")
         return value
 
     def shape(self, name):
