@@ -223,6 +223,11 @@ def main(argv=None) -> int:
         if step.name == "kernel variants":
             record = write_record(out, summary["device"], commit, args.dry_run)
             summary["record"] = None if record is None else record.name
+        if step.name == "gpu tests" and result["status"] == "passed":
+            # which commit's GPU tests last passed (commit it as benchmarks/results/gpu_tests_last_passed.json)
+            (out / "gpu_tests_last_passed.json").write_text(json.dumps(
+                {"commit": commit, "device": summary["device"], "date": summary["date"], "dry_run": args.dry_run,
+                 "result": (result["last_lines"] or ["passed"])[-1], "command": result["command"]}, indent=1))
         write()
         print(f"{step.name}: {result['status']} in {result['seconds']} s", flush=True)
     summary["clocks_after"] = clocks()

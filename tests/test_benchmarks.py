@@ -134,6 +134,18 @@ def test_gpu_first_light_dry_run(tmp_path):
     chosen = [r["name"] for r in table13["environment"]["backends"] if r["chosen"]]
     assert len(chosen) == 1 and next(r for r in table13["rows"] if r["config"] == "twa_4bit")["backend"] == chosen[0]
     assert (tmp_path / "table13.log").read_text().startswith("cpu: backend ")
+    # the passing GPU tests are recorded by commit, for the distance of the GPU code from its last GPU run
+    passed = json.loads((tmp_path / "gpu_tests_last_passed.json").read_text())
+    assert passed["commit"] == "abc123" and passed["dry_run"] and passed["result"].strip()
+
+
+def test_the_last_gpu_pass_is_recorded_and_its_distance_computed():
+    from benchmarks.gpu_record import commits_since, last_pass
+
+    record = last_pass()
+    assert len(record["commit"]) == 40 and record["device"].startswith("NVIDIA") and not record["dry_run"]
+    since = commits_since(record["commit"])
+    assert since is None or since >= 0
 
 
 def test_readme_quickstart_runs():
