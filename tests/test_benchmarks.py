@@ -41,6 +41,13 @@ def test_table13_small(tmp_path):
     for r in data["rows"]:
         assert r["time_s"] > 0 and r["peak_bytes"] > 0
     assert data["environment"]["commit"] and data["environment"]["device_type"] == "cpu"
+    # on a CPU the times come from one process, steps interleaved: a ratio per round, with its spread
+    for r in data["rows"]:
+        q = r["ratio"]
+        assert q["rounds"] == 2 and q["p10_pct"] <= q["median_pct"] <= q["p90_pct"]
+        assert q["within_noise"] == (q["p10_pct"] <= 0 <= q["p90_pct"]) and r["time_vs_sgd_pct"] == q["median_pct"]
+    sgd = next(r for r in data["rows"] if r["config"] == "sgd")
+    assert sgd["ratio"]["median_pct"] == 0.0
 
 
 def test_roofline_small(tmp_path):
