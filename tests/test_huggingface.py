@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import twa_kernels as twa  # noqa: E402
-from twa_kernels.integrations.huggingface import AlphasCallback, checkpoint_folders  # noqa: E402
+from twa_kernels.integrations.huggingface import AlphasCallback, checkpoint_folders, loss_on  # noqa: E402
 
 VOCAB, LENGTH = 64, 16
 
@@ -64,13 +64,21 @@ def test_checkpoint_folders_to_a_twa_phase_with_the_trainers_grouping(ordinary_r
     assert [os.path.basename(f) for f in folders] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
     model = tiny_gpt2(seed=1)  # any initialisation: the subspace is built from the checkpoints
     space = twa.Subspace.from_checkpoints(model, folders, bits=4, progress=False)
+    # the recipe: the best fixed merge on a few training batches, ProjectedAdamW's defaults at a constant
+    # lr, the average of the second half's iterates at the end
+    data = Tokens(seed=1)
+    batches = [{k: torch.stack([data[i][k] for i in range(j, j + 8)]) for k in ("input_ids", "labels")}
+               for j in (0, 8)]
+    start = twa.best_start(model, space, loss_on(batches), progress=False)
+    assert start.loss == min(start.losses.values())
     trainer = transformers.Trainer(
-        model=model, args=arguments(tmp_path, weight_decay=0.01, save_steps=4), train_dataset=Tokens(seed=1),
-        callbacks=[AlphasCallback()],
-        optimizer_cls_and_kwargs=(twa.ProjectedAdamW, {"space": space, "lr": 3e-3}))
+        model=model, args=arguments(tmp_path, weight_decay=0.01, save_steps=4, lr_scheduler_type="constant"),
+        train_dataset=data, callbacks=[AlphasCallback()],
+        optimizer_cls_and_kwargs=(twa.ProjectedAdamW, {"space": space, "init": start, "average_after": 4}))
     trainer.train()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert isinstance(opt, twa.ProjectedAdamW)
+    assert opt.holds_average and opt.averaged_steps == 4  # the run ended at the average of steps 5-8
     assert len(opt.param_groups) == 2 and {g["weight_decay"] for g in opt.param_groups} == {0.01, 0.0}
     assert not torch.equal(opt.beta, torch.zeros_like(opt.beta))
     seen = losses(trainer)

@@ -76,14 +76,19 @@ def test_twa_phase_after_the_snapshots(tmp_path, storage):
         assert sorted(os.listdir(store)) == [f"twa_snapshot_epoch{e}.safetensors" for e in range(3)]
     opt = callback.optimizer
     assert isinstance(opt, twa.ProjectedSGD) and not torch.equal(opt.beta, torch.zeros_like(opt.beta))
+    # the phase started at the best of the snapshots' fixed merges on the first training batches
+    start = callback.chosen
+    assert start is not None and start.loss == min(start.losses.values()) and len(start.losses) >= 3
     # the trained weights are w̄ + P̃β: the point of the subspace, not of the phase-1 optimizer, within the
     # rounding of the fp32 in-place moves that took them there
     params = torch.cat([p.detach().reshape(-1) for _, p in twa.subspace.trainable_parameters(module)])
     space = callback.space
     exact = torch.cat([space.center[s].double() + space.dense(l).double() @ opt.beta[l].double()
                        for l, s in enumerate(space.layer_slices())])
-    betas = recorder.betas
-    assert len(betas) == 3 * 8 and torch.equal(betas[-1], opt.beta)  # 3 TWA epochs of 8 batches
+    # 3 TWA epochs of 8 batches, then the move to the average of the second half's iterates
+    betas = recorder.betas + [opt.beta]
+    assert len(betas) == 3 * 8 + 1 and opt.holds_average and opt.average_after == 12
+    assert torch.allclose(opt.beta, torch.stack(recorder.betas[12:]).mean(0), rtol=0, atol=1e-6)
     bound = point_bound([space.dense(l) for l in range(space.num_layers)], betas, exact)
     assert torch.all((params.double() - exact).abs() <= bound)
     with open(tmp_path / "twa_alphas.json") as f:
@@ -104,9 +109,15 @@ def test_batchnorm_statistics_are_recomputed_at_the_end(tmp_path):
 def test_resume_from_a_checkpoint_inside_the_twa_phase(tmp_path):
     whole, _ = fit(tmp_path / "whole")
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
-    fit(tmp_path / "first", max_epochs=5, extra=[saver])  # stops inside the TWA phase (epochs 3, 4 done)
+
+    class Interrupt(L.Callback):  # the same run, stopped inside the TWA phase (epochs 3, 4 done)
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 4:
+                trainer.should_stop = True
+
+    fit(tmp_path / "first", extra=[saver, Interrupt()])
     ckpt = next(p for p in os.listdir(tmp_path / "ckpts") if p.startswith("epoch=4"))
     resumed, callback = fit(tmp_path / "second", ckpt_path=str(tmp_path / "ckpts" / ckpt))
-    assert isinstance(callback.optimizer, twa.ProjectedSGD)
+    assert isinstance(callback.optimizer, twa.ProjectedSGD) and callback.optimizer.holds_average
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -9,15 +9,21 @@ The projected optimizers are ordinary ``torch.optim`` optimizers, so the Trainer
   device; the first step follows the parameters there.
 
 From an ordinary run to a TWA phase (:func:`checkpoint_folders` lists the run's ``checkpoint-*``
-folders in step order; the reader takes them as they are)::
+folders in step order; the reader takes them as they are), starting at the best fixed merge of the
+checkpoints on a few training batches and ending at the average of the second half's iterates::
 
     space = twa.Subspace.from_checkpoints(model, checkpoint_folders("out")[:10], bits=4)
+    batches = list(itertools.islice(DataLoader(ds, batch_size=8, collate_fn=collator), 4))
+    start = twa.best_start(model, space, loss_on(batches))
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[AlphasCallback()],
-                      optimizer_cls_and_kwargs=(twa.ProjectedAdamW, {"space": space, "lr": 3e-3}))
-    trainer.train()
+                      optimizer_cls_and_kwargs=(twa.ProjectedAdamW, {"space": space, "init": start,
+                                                                      "average_after": args.max_steps // 2}))
+    trainer.train()          # ends at the average of the iterates (AlphasCallback swaps it in)
+    trainer.save_model()
 
 :class:`AlphasCallback` writes the averaging weights α of every layer, by parameter name, beside each
-saved checkpoint and into the output directory at the end of training.
+saved checkpoint and into the output directory at the end of training; when the optimizer keeps an
+average of its iterates, it puts the weights there first.
 """
 
 from __future__ import annotations
@@ -42,6 +48,28 @@ def checkpoint_folders(output_dir) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no checkpoint-<step> folders in {output_dir}")
     return [path for _, path in sorted(found)]
+
+
+def loss_on(batches):
+    """``evaluate(model)`` for :func:`twa_kernels.best_start`: the mean ``model(**batch).loss`` over
+    ``batches`` (dicts of tensors, as a data collator makes them, with labels), moved to the model's device,
+    the model in eval mode."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("loss_on needs at least one batch")
+
+    def evaluate(model):
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            losses = [float(model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}).loss)
+                      for b in batches]
+        finally:
+            model.train(was_training)
+        return sum(losses) / len(losses)
+
+    return evaluate
 
 
 def _projected(optimizer) -> ProjectedOptimizer | None:
@@ -74,4 +102,7 @@ class AlphasCallback(TrainerCallback):
         self._write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state, optimizer)
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = _projected(optimizer)
+        if opt is not None and opt.averaged_steps > 0 and not opt.holds_average:
+            opt.swap_average()  # the run ends at the average of its iterates
         self._write(args.output_dir, state, optimizer)

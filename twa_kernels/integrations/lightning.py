@@ -1,14 +1,17 @@
 """TWA for Lightning: a callback modelled on Lightning's ``StochasticWeightAveraging``.
 
-    trainer = L.Trainer(max_epochs=10, callbacks=[TWA(start_epoch=5, optimizer_kwargs={"lr": 0.1})])
+    trainer = L.Trainer(max_epochs=10, callbacks=[TWA(start_epoch=5)])
 
 Phase 1 (epochs ``0 … start_epoch − 1``) is the module's own training; at the end of each epoch in
 ``snapshot_epochs`` (default: all of them) the callback keeps a snapshot of the trainable parameters,
 in CPU memory (``storage="memory"``) or as a ``.safetensors`` file in a directory (``storage=path``; the
 subspace is then built streaming from those files). At the start of epoch ``start_epoch`` it builds the
-subspace from the snapshots and swaps the module's optimizer (and learning-rate schedulers) for a
-projected one, which trains for the remaining epochs. When training ends it recomputes BatchNorm
-statistics over the training data (``update_bn``) and writes the averaging weights by parameter name.
+subspace from the snapshots, chooses the start (by default :func:`twa_kernels.best_start`: the fixed merge
+of the snapshots with the lowest ``training_step`` loss on the first ``start_batches`` training batches,
+the module in eval mode), and swaps the module's optimizer (and learning-rate schedulers) for a projected
+one, which trains for the remaining epochs, keeping the average of the iterates of the second half of
+that phase. When training ends it puts the weights at that average, recomputes BatchNorm statistics over
+the training data (``update_bn``) and writes the averaging weights by parameter name.
 
 A Lightning checkpoint taken during the TWA phase resumes it: the callback's state holds the
 snapshots (or their paths), the subspace is rebuilt from them (the same subspace, bit for bit), and
@@ -25,7 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
 from ..baselines import update_bn
-from ..optim import ProjectedSGD
+from ..optim import ProjectedAdamW
+from ..start import best_start
 from ..subspace import ALPHAS_FILE, Subspace, trainable_parameters
 
 
@@ -35,8 +39,12 @@ class TWA(Callback):
     Args:
         start_epoch: the (0-based) epoch at which the TWA phase starts; at least two snapshots must
             have been taken before it.
-        optimizer: the projected optimizer class (``ProjectedSGD`` or ``ProjectedAdamW``).
-        optimizer_kwargs: its hyper-parameters (``lr``, ``momentum``, …).
+        optimizer: the projected optimizer class (``ProjectedAdamW``, the default, or ``ProjectedSGD``).
+        optimizer_kwargs: its hyper-parameters (``lr``, ``momentum``, …); its defaults otherwise.
+        start: ``"best"`` (the default: the best fixed merge of the snapshots on ``start_batches`` training
+            batches, by the module's ``training_step`` loss), ``"last"``, ``"center"``, or averaging weights.
+        start_batches: how many training batches judge the start.
+        average: keep the average of the iterates of the second half of the TWA phase, and end there.
         snapshot_epochs: the epochs whose end is snapshotted (default: every epoch before ``start_epoch``).
         storage: ``"memory"`` (CPU copies) or a directory for ``.safetensors`` snapshots.
         subspace_kwargs: for :meth:`Subspace.from_checkpoints` (``bits``, ``decouple``, ``scale``, ``layers``).
@@ -44,9 +52,10 @@ class TWA(Callback):
         alphas_file: file name of the α record written into ``trainer.default_root_dir`` (None: none).
     """
 
-    def __init__(self, start_epoch: int, optimizer=ProjectedSGD, optimizer_kwargs: dict | None = None, *,
+    def __init__(self, start_epoch: int, optimizer=ProjectedAdamW, optimizer_kwargs: dict | None = None, *,
                  snapshot_epochs=None, storage: str | os.PathLike = "memory", subspace_kwargs: dict | None = None,
-                 bn_update: bool = True, alphas_file: str | None = ALPHAS_FILE):
+                 bn_update: bool = True, alphas_file: str | None = ALPHAS_FILE, start="best", start_batches: int = 4,
+                 average: bool = True):
         if start_epoch < 2:
             raise ValueError(f"start_epoch must be at least 2 (two snapshots span a subspace), got {start_epoch}")
         self.start_epoch = int(start_epoch)
@@ -60,6 +69,11 @@ class TWA(Callback):
         self.subspace_kwargs = dict(subspace_kwargs or {})
         self.bn_update = bn_update
         self.alphas_file = alphas_file
+        if start_batches < 1:
+            raise ValueError(f"start_batches must be at least 1, got {start_batches}")
+        self.start, self.start_batches, self.average = start, int(start_batches), bool(average)
+        self.chosen = None  # the Start best_start chose
+        self.average_after: int | None = None
         self.snapshots: list = []  # state_dicts (memory) or file paths
         self.space: Subspace | None = None
         self.optimizer = None
@@ -82,13 +96,40 @@ class TWA(Callback):
         self.snapshots.append(path)
 
     # ------------------------------------------------------------------ phase 2: the subspace
-    def _swap_in(self, trainer, pl_module, init: str) -> None:
+    def _start_loss(self, trainer, pl_module):
+        """The module's training_step loss on the first ``start_batches`` training batches (fetched once)."""
+        batches = []
+        for i, batch in enumerate(trainer.train_dataloader):
+            if i == self.start_batches:
+                break
+            batches.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+
+        def evaluate(module):
+            was_training = module.training
+            module.eval()
+            try:
+                losses = [module.training_step(batch, i) for i, batch in enumerate(batches)]
+            finally:
+                module.train(was_training)
+            losses = [x["loss"] if isinstance(x, dict) else x for x in losses]
+            return float(sum(float(x) for x in losses) / len(losses))
+
+        return evaluate
+
+    def _swap_in(self, trainer, pl_module, init) -> None:
         if len(self.snapshots) < 2:
             raise RuntimeError(f"TWA needs at least two snapshots before epoch {self.start_epoch}, it has "
                                f"{len(self.snapshots)} (were epochs {self.snapshot_epochs} all trained?)")
         self.space = Subspace.from_checkpoints(pl_module, self.snapshots, progress=False,
                                                **dict(self.subspace_kwargs, non_trainable="model"))
-        self.optimizer = self.optimizer_cls(pl_module.parameters(), self.space, init=init, **self.optimizer_kwargs)
+        if init == "best":
+            self.chosen = init = best_start(pl_module, self.space, self._start_loss(trainer, pl_module), progress=False)
+        if self.average and self.average_after is None:
+            remaining = trainer.estimated_stepping_batches - trainer.global_step
+            self.average_after = max(0, int(remaining) // 2) if remaining != float("inf") else 0
+        self.optimizer = self.optimizer_cls(pl_module.parameters(), self.space, init=init,
+                                            average_after=self.average_after if self.average else None,
+                                            **self.optimizer_kwargs)
         trainer.strategy.optimizers = [self.optimizer]
         trainer.strategy.lr_scheduler_configs.clear()
 
@@ -102,12 +143,14 @@ class TWA(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.start_epoch and self.space is None:
-            self._swap_in(trainer, pl_module, init="center")
+            self._swap_in(trainer, pl_module, init=self.start)
 
     # ------------------------------------------------------------------ the end
     def on_train_end(self, trainer, pl_module):
         if self.optimizer is None:
             return
+        if self.average and self.optimizer.averaged_steps > 0 and not self.optimizer.holds_average:
+            self.optimizer.swap_average()
         has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
         if self.bn_update and has_bn:
             try:
@@ -123,8 +166,9 @@ class TWA(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        return {"snapshots": self.snapshots, "twa_phase": self.space is not None}
+        return {"snapshots": self.snapshots, "twa_phase": self.space is not None, "average_after": self.average_after}
 
     def load_state_dict(self, state_dict):
         self.snapshots = list(state_dict["snapshots"])
         self._resume_twa = bool(state_dict["twa_phase"])
+        self.average_after = state_dict.get("average_after")

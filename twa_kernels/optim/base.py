@@ -384,6 +384,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """How many iterates the average holds (0 without averaging or before ``average_after``)."""
         return 0 if self._average_count is None else int(self._average_count)
 
+    @property
+    def holds_average(self) -> bool:
+        """Whether :meth:`swap_average` has put the weights at the average of the iterates."""
+        return self._swapped
+
     @torch.no_grad()
     def swap_average(self) -> None:
         """Exchange the current point with the average of the iterates (β and the weights, one P̃Δβ): the
