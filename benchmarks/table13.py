@@ -131,14 +131,20 @@ def interleaved_worker(args) -> dict:
     for i in range(args.warmup + args.iters * args.rounds):
         shift = i % len(runs)  # each configuration takes every place in the order in turn
         for key, m, opt in runs[shift:] + runs[:shift]:
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-            sync(device)
+            seconds = timed_step(m, opt, x, y, device)
             if i >= args.warmup:
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(seconds)
     return times
+
+
+def timed_step(model, opt, x, y, device) -> float:
+    """Seconds of one whole training step (zero_grad, forward, backward, optimizer step), synchronised."""
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def percentile(xs, q: float) -> float:
@@ -196,13 +202,9 @@ def coordinates_worker(args) -> dict:
                 opt_s[mode].append(t1 - t0)
     for i in range(args.warmup + args.iters):
         for mode, (m, opt) in order(i):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-            sync(device)
+            seconds = timed_step(m, opt, x, y, device)
             if i >= args.warmup:
-                step_s[mode].append(time.perf_counter() - t0)
+                step_s[mode].append(seconds)
     return {mode: {"step_s": median(step_s[mode]), "opt_step_s": median(opt_s[mode])} for mode in runs}
 
 

@@ -1,5 +1,7 @@
 """Put the latest benchmark tables (benchmarks/results/*.md, each headed with its device, commit and
-date) into README.md between the results markers, with the command that reproduces each.
+date) into docs/results.md between the results markers, with the command that reproduces each, and
+README's results summary (computed from the result JSON files, see :mod:`benchmarks.summary`) between
+the summary markers.
 
     python -m benchmarks.update_readme
 """
@@ -21,6 +23,7 @@ SECTIONS = [  # (file prefix, title, command)
     ("quality_text", "Quality on text: head-stage TWA on a character-level language model",
      "python -m benchmarks.quality_text"),
     ("wsd", "Warmup-stable-decay: merging and TWA in place of the cooldown", "python -m benchmarks.wsd"),
+    ("soups", "Soups of fine-tunes", "python -m benchmarks.soups"),
     ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
     ("streaming", "Streaming construction", "python -m benchmarks.streaming"),
 ]
@@ -37,16 +40,24 @@ def main():
             with open(os.path.join(RESULTS, name)) as f:
                 body = f.read().strip()
             pngs = [p for p in files if p.startswith(name[:-3]) and p.endswith(".png")]
-            images = "".join(f"\n\n![{p}](benchmarks/results/{p})" for p in pngs)
-            parts.append(f"### {title}\n\n`{command}` → `benchmarks/results/{name[:-3]}.json`\n\n{body}{images}\n")
-    readme = os.path.join(ROOT, "README.md")
-    with open(readme) as f:
+            images = "".join(f"\n\n![{p}](../benchmarks/results/{p})" for p in pngs)
+            parts.append(f"### {title}\n\n`{command}` → "
+                         f"[benchmarks/results/{name[:-3]}.json](../benchmarks/results/{name[:-3]}.json)\n\n{body}{images}\n")
+    replace_between(os.path.join(ROOT, "docs", "results.md"), "<!-- results:start -->", "<!-- results:end -->",
+                    "\n" + "\n".join(parts))
+    from benchmarks.summary import summary_markdown
+
+    replace_between(os.path.join(ROOT, "README.md"), "<!-- summary:start -->", "<!-- summary:end -->",
+                    "\n" + summary_markdown())
+    print(f"docs/results.md: {len(parts)} result tables; README.md: the results summary")
+
+
+def replace_between(path: str, start: str, end: str, body: str) -> None:
+    with open(path) as f:
         text = f.read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    new = text[: text.index(start) + len(start)] + "\n" + "\n".join(parts) + text[text.index(end):]
-    with open(readme, "w") as f:
+    new = text[: text.index(start) + len(start)] + body + text[text.index(end):]
+    with open(path, "w") as f:
         f.write(new)
-    print(f"README.md: {len(parts)} result tables")
 
 
 if __name__ == "__main__":
