@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,28 @@ def test_scale_quick(tmp_path):
     for name in ("scale_quick_cpu.md", "scale_quick_cpu.png", "scale_quick_plan.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "eval loss" in out
+
+
+def test_soups_quick(tmp_path):
+    # the soups benchmark end to end at tiny size: pretraining cached, every method at N/4, N/2, N, the
+    # bits and fp32 TWA-v at N, Table 11's ordered setting, the plot
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = run("-m", "benchmarks.soups", "--quick", "--out-dir", str(tmp_path), env=env)
+    assert "Test bpc by N" in out and "greedy soup" in out
+    data = json.loads((tmp_path / "soups_quick_cpu.json").read_text())
+    n = data["config"]["finetunes"]
+    assert list(data["by_n"]) == [str(n // 4), str(n // 2), str(n)] and len(data["search"][0]) == n
+    uniform = math.log2(len(string.printable) + 1)
+    everywhere = {"best single (by val)", "second-best single (by val)", "uniform soup", "greedy soup", "Model Stock",
+                  "learned soup by layer", "TWA-v"}
+    for size, per_seed in data["by_n"].items():
+        res = per_seed[0]
+        assert everywhere <= set(res) and all(0 < r["test"] < uniform for r in res.values()), size
+        assert res["TWA-v"]["start"] and res["greedy soup"]["kept"]
+    full = data["by_n"][str(n)][0]
+    assert {"TWA-t", "TWA-v, fp32", "TWA-v from the greedy soup", "TWA-v, 1 bit", "TWA-v, 8 bits"} <= set(full)
+    # the learned soup holds every model; TWA-v one 4-bit P̃ and a centre
+    assert full["learned soup by layer"]["state_bytes"] > full["TWA-v"]["state_bytes"]
+    assert set(data["table11"][0]) >= {"best single (by val)", "uniform soup", "greedy soup", "TWA-t", "TWA-v"}
+    assert list((tmp_path / "cache" / "twa_kernels" / "soups").glob("pretrained_*.safetensors"))
+    assert (tmp_path / "soups_quick_cpu.png").stat().st_size > 0
