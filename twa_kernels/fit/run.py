@@ -219,9 +219,10 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
                     else sources[-1].tensor(k), like=last, desc="writing", progress=progress)
         with open(os.path.join(output, ALPHAS_FILE), "w") as f:
             json.dump(opt.named_alphas(), f, indent=1)
-    compared = {k: v for k, v in evaluations.items() if k in ("last", "best single", "greedy soup", "uniform",
-                                                                 "task arithmetic")}
-    rival = min(compared, key=lambda k: compared[k].mean)
+    # the merges a user could take instead; on a tie the first named (the greedy soup, when it kept one model,
+    # is that model)
+    compared = [k for k in ("greedy soup", "best single", "task arithmetic", "uniform", "last") if k in evaluations]
+    rival = min(compared, key=lambda k: evaluations[k].mean)
     gain, gain_se = evaluations["twa"].difference(evaluations[rival])
     return {"task": job.name, "checkpoints": checkpoints, "base": base, "output": os.fspath(output), "params": params,
             "n": len(checkpoints), "points": n, "bits": bits, "split": split, "init": init, "start": start_name,
