@@ -48,8 +48,8 @@ FULL = dict(context=64, width=128, layers=2, heads=4, batch=32, half_epochs=2, p
 QUICK = dict(context=32, width=32, layers=1, heads=2, batch=16, half_epochs=1, per_epoch=4, budget=0.25,
              text_chars=40_000, seeds=1, soup_runs=2, soup_epochs=0.25, stable_epochs=1, stable_n=4)
 BASE_LR, WEIGHT_DECAY, WARMUP = 3e-3, 0.01, 0.05  # AdamW; warm-up as a fraction of the run
-# TWA runs ProjectedAdamW with every default (spread coordinates, init at the last checkpoint, lr 0.03,
-# constant): the one configuration fixed before the run, for every regime and seed.
+# TWA runs by the benchmarks' recipe (benchmarks/recipe.py): the one configuration fixed before the run,
+# for every regime and seed.
 EMA_GAMMA, LAWA_K = 0.7, 4
 CURVE_EVERY = 5  # TWA-t's train bpc is read every this many steps, for the plot
 # The recipe's other starts and ends, run for TWA-t at 4 bits beside the defaults (benchmarks.recipe)

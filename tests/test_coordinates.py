@@ -218,13 +218,15 @@ def test_init_takes_averaging_weights_and_refuses_bad_ones():
                           atol=1e-9)
 
 
-def test_default_init_is_the_last_checkpoint():
+def test_default_init_is_the_centre():
     model = make_model()
     ckpts = make_checkpoints(model, 4)
     space = twa.Subspace.from_checkpoints(model, ckpts, bits=None, progress=False)
-    twa.ProjectedAdamW(model.parameters(), space)
+    opt = twa.ProjectedAdamW(model.parameters(), space)
+    assert torch.equal(opt.beta, torch.zeros_like(opt.beta))
     for nm, p in model.named_parameters():
-        assert torch.allclose(p.detach(), ckpts[-1][nm], rtol=0, atol=1e-6)
+        mean = sum(c[nm] for c in ckpts) / 4
+        assert torch.allclose(p.detach().double(), mean.double(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("decouple", ["gram_schmidt", "none", "center"])
