@@ -46,7 +46,7 @@ def text_rows() -> list[list[str]]:
         twa, best, name, below = versus_best_merge(data[regime], "TWA-v, 4 bits", baselines)
         seeds = len(data[regime])
         rows.append([f"Char LM, {label}: test bits/char", f"TWA-v **{twa:.3f}**",
-                     f"best fixed merge {best:.3f} ({name} mostly); TWA lower in {below}/{seeds} seeds",
+                     f"the best fixed merge, mostly {name}: {best:.3f}; TWA lower in {below}/{seeds} seeds",
                      link("text")])
     head = data["head_stage"]
     rows.append(["Char LM: the paper's \"full run in half the epochs\"",
@@ -68,8 +68,8 @@ def wsd_rows() -> list[list[str]]:
         cool = mean(s["cooldown 1−sqrt 10%"]["test"] for s in per_seed)
         rows.append([f"Warmup-stable-decay, end of the stable phase (last {k} checkpoints): test bits/char",
                      f"TWA-v **{twa:.3f}**",
-                     f"best fixed merge {best:.3f} ({name} mostly; TWA lower in {below}/{len(per_seed)} seeds); "
-                     f"a real 10 % cooldown {cool:.3f}", link("wsd")])
+                     f"the best fixed merge, mostly {name.replace(' (= LAWA)', '')}: {best:.3f}; TWA lower in "
+                     f"{below}/{len(per_seed)} seeds; a real 10 % cooldown (more passes): {cool:.3f}", link("wsd")])
     return rows
 
 
