@@ -156,12 +156,16 @@ def test_the_last_gpu_pass_is_recorded_and_its_distance_computed():
     assert since is None or since >= 0
 
 
-def test_readme_quickstart_runs():
+def test_readme_quickstart_runs(tmp_path):
     text = (ROOT / "README.md").read_text()
     code = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "averaging weights of layer 0" in out.stdout
+    # it starts at a fixed merge, ends lower, and saves an ordinary model
+    start, end = (float(x) for x in re.search(r": ([\d.]+) -> TWA: ([\d.]+)", out.stdout).groups())
+    assert end < start
+    assert set(torch.load(tmp_path / "merged.pt", weights_only=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 def test_readme_names_the_two_commands():
