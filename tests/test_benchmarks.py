@@ -77,10 +77,12 @@ def test_quality_smoke(tmp_path):
         assert {"last checkpoint", "LAWA (k=2)", "SWA", "TWA-t", "TWA-v"} <= set(head)
         for method, res in head.items():
             assert 0.0 <= res["test_acc"] <= 1.0 and 0.0 < res["train"] < math.log(10), method
-    # the train-loss curve starts at the default init, the last checkpoint as the 4-bit P̃ spans it (so
-    # only near its loss), and ends at TWA-t's reported train loss
+    # the train-loss curve starts at the recipe's start, the best of the candidate merges on the training
+    # data (the last checkpoint among them; 4-bit P̃ spans each only approximately), and ends at TWA-t's
+    # reported train loss
     curve = data["twa_t_train_curves"]["MLP"][0]
-    assert curve[0][0] == 0 and curve[0][1] == pytest.approx(data["head_stage"][0]["last checkpoint"]["train"], rel=0.1)
+    assert curve[0][0] == 0 and curve[0][1] <= 1.1 * data["head_stage"][0]["last checkpoint"]["train"]
+    assert data["head_stage"][0]["TWA-t"]["start"] and data["head_stage"][0]["TWA-t"]["start_evaluations"] >= 3
     assert curve[-1][1] == pytest.approx(data["head_stage"][0]["TWA-t"]["train"], rel=1e-6)
     assert len(data["targets"]["CNN"]) == 2
     for suffix in ("alphas", "bits", "twa_steps"):

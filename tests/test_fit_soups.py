@@ -84,7 +84,15 @@ def test_fit_on_a_soup_reports_every_rival_and_ignores_the_order(lm_soup, tmp_pa
     assert all(v["se"] > 0 for v in rep["eval"].values())
     assert rep["start"] == min(rep["selection_loss"], key=rep["selection_loss"].get)
     windows = {k: (len(byte_ids((root / f"{k}.txt").read_text())) - 1) // CONTEXT for k in ("val", "eval")}
-    assert rep["items"] == windows and rep["eval_items"] == 2048 // CONTEXT  # the eval capped at --eval-tokens
+    # a fifth of the val windows is held back to check TWA's end point against its start
+    assert rep["items"]["eval"] == windows["eval"] and rep["eval_items"] == 2048 // CONTEXT  # capped
+    assert rep["items"]["val"] + rep["items"]["check"] == windows["val"]
+    assert rep["items"]["check"] == round(0.2 * windows["val"])
+    assert rep["wrote"] in ("twa", "start") and set(rep["check_loss"]) == {"start", "twa"}
+    assert (rep["wrote"] == "twa") == (rep["check_loss"]["twa"] < rep["check_loss"]["start"])
+    # the start is the exact merge: its eval loss is the chosen baseline's own
+    chosen = {"greedy soup": "greedy soup", "uniform": "uniform"}.get(rep["start"].split(" (")[0], "best single")
+    assert rep["eval"]["start"]["loss"] == pytest.approx(rep["eval"][chosen]["loss"], abs=1e-6)
     assert rep["average_after"] == 3 and rep["twa_steps"] == 6
     # the same models in reverse order: the same choices (by model, not by position), the same merge
     assert fit(root, folders[::-1], tmp_path / "b", *data, "--report", str(tmp_path / "b.json")) == 0
@@ -107,7 +115,7 @@ def test_one_text_is_dealt_at_random_into_val_and_eval(lm_soup, tmp_path):
     assert fit(root, folders, tmp_path / "m", "--text", str(root / "one.txt"), "--report", str(tmp_path / "r.json")) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     total = (len(byte_ids((root / "one.txt").read_text())) - 1) // CONTEXT
-    assert rep["items"]["val"] + rep["items"]["eval"] == total and rep["items"]["eval"] == round(0.25 * total)
+    assert sum(rep["items"].values()) == total and rep["items"]["eval"] == round(0.25 * total)
     assert rep["text_split"] == "chunks"
 
 
@@ -243,7 +251,7 @@ def test_fit_learns_a_soup_of_classifiers_and_reports_accuracy(classifier_soup, 
                  "--report", str(tmp_path / "r.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["task"] == "sequence-classification" and rep["unit"] == "example"
-    assert rep["items"] == {"val": 60, "eval": 20}
+    assert rep["items"] == {"val": 48, "check": 12, "eval": 20}
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in rep["eval"].values())
     assert "%" in capsys.readouterr().out
     from transformers import AutoModelForSequenceClassification

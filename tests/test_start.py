@@ -191,3 +191,27 @@ def test_averaging_lowers_the_expected_loss_of_noisy_sgd_on_a_quadratic():
         averaged.append(0.5 * float((dense @ (opt.averaged_beta[0] - target[0])).pow(2).sum()))
     assert sum(averaged) < 0.5 * sum(last)
     assert math.isfinite(sum(last))
+
+
+def test_anchor_starts_at_the_exact_merge_and_moves_it_by_ptilde_delta_beta():
+    # At 4 bits, placing a merge through P̃ misses it by the quantization error; anchoring keeps the exact
+    # merge (β set to its α's) and every step moves it by P̃Δβ, as any step does.
+    model, ckpts, _ = problem()
+    space = twa.Subspace.from_checkpoints(model, ckpts, bits=4, progress=False)
+    alpha = [0, 0, 0.5, 0, 0, 0.5, 0, 0]
+    exact = merge_vector(model, ckpts, alpha).float()
+    twa.ProjectedAdamW(model.parameters(), space, init=alpha)
+    assert (flat(model) - exact).abs().max() > 1e-4  # the 4-bit point is not the merge
+
+    load_flat(model, exact)
+    opt = twa.ProjectedAdamW(model.parameters(), space, init="keep")
+    opt.anchor(alpha)
+    beta0 = space.beta_for_alphas(torch.tensor(alpha, dtype=torch.float64)).float()
+    assert torch.equal(flat(model), exact) and torch.allclose(opt.beta, beta0)
+    assert torch.allclose(opt.alphas(), space.alphas(beta0))
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    train(opt, model, x, y, 3)
+    moved = torch.cat([space.dense(l) @ (opt.beta[l] - beta0[l]) for l in range(space.num_layers)])
+    assert opt.beta.ne(beta0).any() and torch.allclose(flat(model) - exact, moved, atol=1e-5)
+    with pytest.raises(RuntimeError, match="before the first step"):
+        opt.anchor(alpha)

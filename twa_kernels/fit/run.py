@@ -13,9 +13,11 @@
 3. **Start.** ``--init best`` (the default) starts at the baseline with the lowest selection loss; this does
    not depend on the order the checkpoints are given in. ``greedy``, ``center`` (the uniform merge of every
    point) and ``last`` (the last checkpoint given) are fixed choices.
-4. **TWA.** The subspace of the points is built, streamed; ``ProjectedAdamW`` with its defaults trains β on
-   random batches of the training part for ``steps`` steps, averaging the iterates of the second half, and
-   the average is what is written.
+4. **TWA.** The subspace of the points is built, streamed; the start is put into the model as its exact
+   merge and ``ProjectedAdamW`` with its defaults moves it by P̃Δβ, on random batches of the training part
+   (``CHECK_FRACTION`` of it held back), for ``steps`` steps, averaging the iterates of the second half.
+   The average is written when its loss on the held-back part is below the start's; otherwise the start is
+   written: a run never ends behind the merge it started from.
 5. **Report.** Every loss on the eval part with its standard error; the summary compares TWA with the last
    checkpoint, the best single model, the greedy soup and the uniform merge, and warns when the difference
    is within the eval's noise. The model is written like the last checkpoint (sharded the same way, configs
@@ -43,6 +45,7 @@ SPLITS = ("val", "train")
 INITS = ("best", "greedy", "center", "last")
 TEXT_SPLITS = ("chunks", "position")
 EVAL_FRACTION = 0.25  # of one --text file, dealt at random to the eval part
+CHECK_FRACTION = 0.2  # of the data TWA trains on, held back to check its end point against its start
 TASK_ARITHMETIC_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # λ = scale / N: scale 1 is the uniform soup
 
 
@@ -92,8 +95,18 @@ def read_parts(task, *, text, val, eval_file, split, text_split, holdout, seed) 
         if not isinstance(task, CausalLM):
             raise ValueError("--text-split position is for a causal LM's text")
         parts = split_text(task.ids(text), holdout)
-        return {name: windows_of(parts[name], task.context) for name in (split, "eval")}
+        return {name: windows_of(parts[name], task.context) for name in ({split, "val", "eval"})}
     return split_items(task.read(text), {split: 1.0 - EVAL_FRACTION, "eval": EVAL_FRACTION}, seed)
+
+
+def hold_back_check(parts: dict, split: str, seed: int) -> dict:
+    """Add the "check" part: the data the end point is checked on against the start, which neither TWA nor
+    the start's choice sees. TWA-t on a text split by position checks on its val part; otherwise a random
+    ``CHECK_FRACTION`` of the training part is held back."""
+    if split == "train" and "val" in parts:
+        return dict(parts, check=parts.pop("val"))
+    dealt = split_items(parts[split], {split: 1.0 - CHECK_FRACTION, "check": CHECK_FRACTION}, seed + 1)
+    return dict(parts, **dealt)
 
 
 class Merges:
@@ -144,7 +157,9 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
     job = make_task(task, context, tokenizer, last, device)
     parts = read_parts(job, text=text, val=val, eval_file=eval_file, split=split, text_split=text_split,
                        holdout=holdout, seed=seed)
+    parts = hold_back_check(parts, split, seed)
     train_items, eval_items = parts[split], _cap(job, parts["eval"], eval_tokens)
+    check_items = _cap(job, parts["check"], eval_tokens)
     if len(train_items) < batch:
         raise ValueError(f"the {split} data holds {len(train_items)} {job.unit}s, fewer than one batch of {batch}: give "
                          f"more data, a smaller --batch" + (" or a shorter --context" if job.unit == "window" else ""))
@@ -182,7 +197,7 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
     best_single = min(singles, key=lambda k: singles[k])
     greedy = next((k for k in losses if k.startswith("greedy soup")), best_single)
     chosen = {"best": min(losses, key=lambda k: losses[k]), "greedy": greedy, "center": None, "last": None}[init]
-    start_alpha = (alphas[chosen] if chosen else lawa_weights(n, 1) if init == "last" else None)
+    start_alpha = alphas[chosen] if chosen else lawa_weights(n, 1) if init == "last" else None
     start_name = chosen or {"center": "the uniform merge of every point", "last": "the last checkpoint"}[init]
 
     evaluations = {"last": merges.evaluate(lawa_weights(n, 1), eval_items),
@@ -197,9 +212,15 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
         evaluations["task arithmetic"] = merges.evaluate(alphas[arithmetic], eval_items)
     with phases("build"):
         space = Subspace.from_checkpoints(model, points, bits=bits, progress=progress, trusted=trusted)
-        opt = ProjectedAdamW(model.parameters(), space, init=start_alpha if start_alpha is not None else "center",
-                             average_after=steps // 2, **({} if lr is None else {"lr": lr}))
+        # The start is the exact merge (as twa average writes it), and TWA moves it by P̃Δβ from there: the
+        # 4-bit P̃ would place it only approximately
+        start_alpha = [1.0 / n] * n if start_alpha is None else list(start_alpha)
+        merges.put(start_alpha)
+        opt = ProjectedAdamW(model.parameters(), space, init="keep", average_after=steps // 2,
+                             **({} if lr is None else {"lr": lr}))
+        opt.anchor(start_alpha)
     evaluations["start"] = job.evaluate(model, eval_items, batch)
+    check = {"start": job.evaluate(model, check_items, batch).mean}
     gen = torch.Generator().manual_seed(seed)
     log = []
     with phases("train"):
@@ -213,17 +234,28 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
         opt.swap_average()
     _round_to(model, stored)
     evaluations["twa"] = job.evaluate(model, eval_items, batch)
+    check["twa"] = job.evaluate(model, check_items, batch).mean
+    # Never behind the start: where TWA's end point is not below its start on the held-back check data, the
+    # start (itself the best merge on the val data) is what is written
+    kept_twa = check["twa"] < check["start"]
+    alphas_out = opt.named_alphas()
+    if not kept_twa:
+        merges.put(start_alpha)
+        evaluations["written"] = evaluations["start"]
+        alphas_out = {name: list(map(float, start_alpha)) for name in space.names}
+    else:
+        evaluations["written"] = evaluations["twa"]
     with phases("write"):
         state = model.state_dict()
         write_model(output, list(stored), lambda k: state[k].detach().to("cpu", stored[k]) if k in state
                     else sources[-1].tensor(k), like=last, desc="writing", progress=progress)
         with open(os.path.join(output, ALPHAS_FILE), "w") as f:
-            json.dump(opt.named_alphas(), f, indent=1)
+            json.dump(alphas_out, f, indent=1)
     # the merges a user could take instead; on a tie the first named (the greedy soup, when it kept one model,
     # is that model)
     compared = [k for k in ("greedy soup", "best single", "task arithmetic", "uniform", "last") if k in evaluations]
     rival = min(compared, key=lambda k: evaluations[k].mean)
-    gain, gain_se = evaluations["twa"].difference(evaluations[rival])
+    gain, gain_se = evaluations["written"].difference(evaluations[rival])
     return {"task": job.name, "checkpoints": checkpoints, "base": base, "output": os.fspath(output), "params": params,
             "n": len(checkpoints), "points": n, "bits": bits, "split": split, "init": init, "start": start_name,
             "twa_steps": len(log), "average_after": opt.average_after, "lr": opt.param_groups[0]["lr"],
@@ -231,7 +263,8 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
             "dtype": str(dtype).replace("torch.", ""), "text_split": None if text is None else text_split,
             "items": {k: len(v) for k, v in parts.items()}, "unit": job.unit,
             "tokens": {k: job.tokens(v) for k, v in parts.items()},
-            "eval_items": len(eval_items), "eval_tokens": job.tokens(eval_items),
+            "eval_items": len(eval_items), "eval_tokens": job.tokens(eval_items), "check_items": len(check_items),
+            "check_loss": check, "wrote": "twa" if kept_twa else "start",
             "eval_windows": len(eval_items), "select_items": len(select_items),
             "selection_loss": losses, "greedy_members": list(kept),
             "best_single": best_single, "greedy": greedy, "task_arithmetic": arithmetic,
@@ -263,13 +296,16 @@ def summary(report: dict) -> str:
     if "task arithmetic" in e:
         parts.append(show("task arithmetic", report["task_arithmetic"]))
     v = report["versus"]
-    verdict = "better" if v["difference"] < 0 else "worse"
+    verdict = "better" if v["difference"] < 0 else "worse" if v["difference"] > 0 else "no different"
     noise = " (within the eval's noise: give more eval data to tell them apart)" if v["within_noise"] else ""
+    held = f"{report['check_items']} held-back {report['unit']}s"
+    wrote = (f"wrote TWA's end point (below its start on {held})" if report["wrote"] == "twa" else
+             f"wrote the start, {report['start']} (TWA's end point was not below it on {held})")
     return (f"eval loss on {report['eval_items']} held-out {report['unit']}s ({report['eval_tokens']:,} tokens): "
             + " · ".join(parts) + f" · TWA {e['start']['loss']:.4f} → {show('twa', '').strip()} ± {e['twa']['se']:.4f} "
             f"({mode} from {report['start']}, {report['twa_steps']} steps, {report['bits']}-bit, n={report['n']}, "
-            f"kernels: {report['backend']}); {verdict} than the {v['rival']} by {abs(v['difference']):.4f} ± "
-            f"{v['se']:.4f} nats{noise}; wrote {report['output']}")
+            f"kernels: {report['backend']}); {wrote}: {verdict} than the {v['rival']} by {abs(v['difference']):.4f} ± "
+            f"{v['se']:.4f} nats{noise}; in {report['output']}")
 
 
 def greedy(checkpoints, val, *, task="causal-lm", context=None, tokenizer="auto", batch=4, eval_tokens=16384,

@@ -388,6 +388,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """How many iterates the average holds (0 without averaging or before ``average_after``)."""
         return 0 if self._average_count is None else int(self._average_count)
 
+    @torch.no_grad()
+    def anchor(self, alpha) -> None:
+        """Take the weights as they are for the point Σ α_i w_i: β becomes the β of α, and the steps move the
+        weights by P̃Δβ from where they are. For a start at an exact merge of the checkpoints (put into the
+        model with ``twa.weighted_mean``, made with ``init="keep"``), free of the quantization error that
+        placing it through a 4-bit P̃ adds. Only before the first step."""
+        if float(self._step) != 0:
+            raise RuntimeError("anchor() sets the start: call it before the first step")
+        alpha = initial_alphas(getattr(alpha, "alpha", alpha), self.space)
+        beta = self.space.beta_for_alphas(alpha).to(self._beta.device, self._beta.dtype)
+        self._beta.copy_(beta[:, self._placement.column_slice(self.space.n)])
+        if self._compensation is not None:  # the weights are what they are: no residue to carry
+            self._compensation.zero_()
+        self._publish_state()
+
     @property
     def holds_average(self) -> bool:
         """Whether :meth:`swap_average` has put the weights at the average of the iterates."""
