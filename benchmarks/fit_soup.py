@@ -116,6 +116,7 @@ def one_seed(cfg, seed, work) -> dict:
                       "--context", cfg["context"], "--quiet").strip().splitlines()[0]
     return {"search": search, "summary": line, "greedy_line": greedy_line, "eval": rep["eval"],
             "start": rep["start"], "versus": rep["versus"], "eval_items": rep["eval_items"],
+            "wrote": rep.get("wrote"), "check_loss": rep.get("check_loss"),
             "eval_tokens": rep["eval_tokens"], "tokens": rep["tokens"], "phases": rep["phases"]}
 
 
@@ -134,25 +135,36 @@ def main(argv=None):
             runs.append(one_seed(cfg, seed, work))
     device = torch.device("cpu")
     env = environment(device)
-    names = ("last", "best single", "greedy soup", "uniform", "start", "twa")
-    rows = [[n, *(f"{r['eval'][n]['loss']:.4f} ± {r['eval'][n]['se']:.4f}" for r in runs)] for n in names]
-    diffs = [r["eval"]["twa"]["loss"] - min(r["eval"][k]["loss"] for k in ("best single", "greedy soup")) for r in runs]
-    md = (f"`twa fit` with its defaults on {cfg['finetunes']} fine-tunes of a small Llama ({cfg['layers']} layers, "
-          f"hidden {cfg['hidden']}, byte-level BPE of {cfg['vocab']}), {cfg['seeds']} seed(s) "
-          f"({'quick smoke test, not a measurement; ' if args.quick else ''}{env['device']}; torch {env['torch']}; "
-          f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
-          "Eval loss (nats/token, ± standard error) of what the command reported, per seed:\n\n"
-          + markdown_table(["on eval.txt", *(f"seed {i}" for i in range(len(runs)))], rows)
-          + "\nTWA minus the better of the best single model and the greedy soup: "
-          + ", ".join(f"{d:+.4f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.4f})\n\n"
-          + "The command's summary lines:\n\n" + "\n".join(f"- seed {i}: {r['summary']}" for i, r in enumerate(runs))
-          + "\n\n`twa average greedy` said:\n\n" + "\n".join(f"- seed {i}: {r['greedy_line']}" for i, r in enumerate(runs))
-          + "\n")
+    md = render(cfg, runs, env, args.quick)
     print(md)
-    path = save("fit_soup" + ("_quick" if args.quick else ""), device, {"config": cfg, "runs": runs,
-                                                                        "twa_minus_best_of_single_and_greedy": diffs},
+    path = save("fit_soup" + ("_quick" if args.quick else ""), device,
+                {"config": cfg, "runs": runs, "written_minus_best_of_single_and_greedy": differences(runs)},
                 md, out_dir=args.out_dir)
     print(f"saved {path}")
+
+
+def differences(runs) -> list[float]:
+    """The written model's eval loss minus the better of the best single model's and the greedy soup's."""
+    return [r["eval"].get("written", r["eval"]["twa"])["loss"]
+            - min(r["eval"][k]["loss"] for k in ("best single", "greedy soup")) for r in runs]
+
+
+def render(cfg, runs, env, quick=False) -> str:
+    names = [n for n in ("last", "best single", "greedy soup", "uniform", "start", "twa", "written") if n in runs[0]["eval"]]
+    rows = [[n, *(f"{r['eval'][n]['loss']:.4f} ± {r['eval'][n]['se']:.4f}" for r in runs)] for n in names]
+    diffs = differences(runs)
+    return (f"`twa fit` with its defaults on {cfg['finetunes']} fine-tunes of a small Llama ({cfg['layers']} layers, "
+            f"hidden {cfg['hidden']}, byte-level BPE of {cfg['vocab']}), {cfg['seeds']} seed(s) "
+            f"({'quick smoke test, not a measurement; ' if quick else ''}{env['device']}; torch {env['torch']}; "
+            f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
+            "Eval loss (nats/token, ± standard error) of what the command reported, per seed ('start': the exact "
+            "merge TWA started from; 'twa': its end point; 'written': what the command wrote):\n\n"
+            + markdown_table(["on eval.txt", *(f"seed {i}" for i in range(len(runs)))], rows)
+            + "\nThe written model minus the better of the best single model and the greedy soup: "
+            + ", ".join(f"{d:+.4f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.4f})\n\n"
+            + "The command's summary lines:\n\n" + "\n".join(f"- seed {i}: {r['summary']}" for i, r in enumerate(runs))
+            + "\n\n`twa average greedy` said:\n\n"
+            + "\n".join(f"- seed {i}: {r['greedy_line']}" for i, r in enumerate(runs)) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ SECTIONS = [  # (file prefix, title, command)
      "python -m benchmarks.quality_text"),
     ("wsd", "Warmup-stable-decay: merging and TWA in place of the cooldown", "python -m benchmarks.wsd"),
     ("soups", "Soups of fine-tunes", "python -m benchmarks.soups"),
+    ("fit_soup", "twa fit on a soup of Hugging Face fine-tunes", "python -m benchmarks.fit_soup"),
     ("quality", "Quality on scikit-learn digits", "python -m benchmarks.quality"),
     ("streaming", "Streaming construction", "python -m benchmarks.streaming"),
 ]
