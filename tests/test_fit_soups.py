@@ -88,8 +88,10 @@ def test_fit_on_a_soup_reports_every_rival_and_ignores_the_order(lm_soup, tmp_pa
     assert rep["items"]["eval"] == windows["eval"] and rep["eval_items"] == 2048 // CONTEXT  # capped
     assert rep["items"]["val"] + rep["items"]["check"] == windows["val"]
     assert rep["items"]["check"] == round(0.2 * windows["val"])
-    assert rep["wrote"] in ("twa", "start") and set(rep["check_loss"]) == {"start", "twa"}
-    assert (rep["wrote"] == "twa") == (rep["check_loss"]["twa"] < rep["check_loss"]["start"])
+    c = rep["check_loss"]
+    assert rep["wrote"] in ("twa", "start") and c["difference"] == pytest.approx(c["twa"] - c["start"], abs=1e-9)
+    assert (rep["wrote"] == "twa") == (c["difference"] + 2 * c["se"] < 0)
+    assert rep["eval"]["written"] == rep["eval"]["twa" if rep["wrote"] == "twa" else "start"]
     # the start is the exact merge: its eval loss is the chosen baseline's own
     chosen = {"greedy soup": "greedy soup", "uniform": "uniform"}.get(rep["start"].split(" (")[0], "best single")
     assert rep["eval"]["start"]["loss"] == pytest.approx(rep["eval"][chosen]["loss"], abs=1e-6)
@@ -268,3 +270,16 @@ def test_classification_data_errors_name_the_line(classifier_soup, tmp_path, cap
                  str(bad), "--device", "cpu", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "'meh'" in err and not (tmp_path / "m").exists()
+
+
+def test_the_end_point_is_written_only_when_clearly_below_the_start():
+    from twa_kernels.fit.run import clearly_below
+    from twa_kernels.fit.tasks import Evaluation
+
+    start = Evaluation(torch.tensor([3.0, 3.2, 2.9, 3.1, 3.0, 3.3], dtype=torch.float64))
+    better = Evaluation(start.losses - torch.tensor([0.10, 0.12, 0.09, 0.11, 0.10, 0.10], dtype=torch.float64))
+    noisy = Evaluation(start.losses + torch.tensor([-0.3, 0.25, -0.2, 0.3, -0.35, 0.2], dtype=torch.float64))
+    assert clearly_below(better, start)          # 0.10 below, a paired standard error of 0.004
+    assert not clearly_below(noisy, start)       # 0.02 below in the mean, a standard error of 0.12
+    assert not clearly_below(start, start) and not clearly_below(start, better)
+    assert not clearly_below(Evaluation(torch.tensor([1.0])), Evaluation(torch.tensor([2.0])))  # one item

@@ -16,8 +16,9 @@
 4. **TWA.** The subspace of the points is built, streamed; the start is put into the model as its exact
    merge and ``ProjectedAdamW`` with its defaults moves it by P̃Δβ, on random batches of the training part
    (``CHECK_FRACTION`` of it held back), for ``steps`` steps, averaging the iterates of the second half.
-   The average is written when its loss on the held-back part is below the start's; otherwise the start is
-   written: a run never ends behind the merge it started from.
+   The average is written when its loss on the held-back part is below the start's by more than two standard
+   errors of the paired difference; otherwise the start is written: a run never ends behind the merge it
+   started from, beyond the noise of that check.
 5. **Report.** Every loss on the eval part with its standard error; the summary compares TWA with the last
    checkpoint, the best single model, the greedy soup and the uniform merge, and warns when the difference
    is within the eval's noise. The model is written like the last checkpoint (sharded the same way, configs
@@ -39,7 +40,7 @@ from ..optim import ProjectedAdamW
 from ..start import soup_candidates, subset_weights
 from ..subspace import ALPHAS_FILE, Subspace
 from .measure import Phases, timed_step
-from .tasks import TASKS, CausalLM, make_task, split_items, split_text, windows_of
+from .tasks import TASKS, CausalLM, Evaluation, make_task, split_items, split_text, windows_of
 
 SPLITS = ("val", "train")
 INITS = ("best", "greedy", "center", "last")
@@ -97,6 +98,13 @@ def read_parts(task, *, text, val, eval_file, split, text_split, holdout, seed) 
         parts = split_text(task.ids(text), holdout)
         return {name: windows_of(parts[name], task.context) for name in ({split, "val", "eval"})}
     return split_items(task.read(text), {split: 1.0 - EVAL_FRACTION, "eval": EVAL_FRACTION}, seed)
+
+
+def clearly_below(new: Evaluation, old: Evaluation) -> bool:
+    """Whether ``new``'s loss is below ``old``'s on the same items by more than two standard errors of the
+    paired difference (never on a single item, whose difference has no standard error)."""
+    gain, se = new.difference(old)
+    return bool(math.isfinite(se) and gain + 2 * se < 0)
 
 
 def hold_back_check(parts: dict, split: str, seed: int) -> dict:
@@ -220,7 +228,7 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
                              **({} if lr is None else {"lr": lr}))
         opt.anchor(start_alpha)
     evaluations["start"] = job.evaluate(model, eval_items, batch)
-    check = {"start": job.evaluate(model, check_items, batch).mean}
+    check_start = job.evaluate(model, check_items, batch)
     gen = torch.Generator().manual_seed(seed)
     log = []
     with phases("train"):
@@ -234,10 +242,13 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
         opt.swap_average()
     _round_to(model, stored)
     evaluations["twa"] = job.evaluate(model, eval_items, batch)
-    check["twa"] = job.evaluate(model, check_items, batch).mean
-    # Never behind the start: where TWA's end point is not below its start on the held-back check data, the
-    # start (itself the best merge on the val data) is what is written
-    kept_twa = check["twa"] < check["start"]
+    check_twa = job.evaluate(model, check_items, batch)
+    # Never behind the start: TWA's end point is written only where it is below its start on the held-back
+    # check data by more than two standard errors of the paired difference (the noise the summary warns of);
+    # otherwise the start, itself the best merge on the val data, is
+    kept_twa = clearly_below(check_twa, check_start)
+    gain, gain_se = check_twa.difference(check_start)
+    check = {"start": check_start.mean, "twa": check_twa.mean, "difference": gain, "se": gain_se}
     alphas_out = opt.named_alphas()
     if not kept_twa:
         merges.put(start_alpha)
@@ -298,9 +309,11 @@ def summary(report: dict) -> str:
     v = report["versus"]
     verdict = "better" if v["difference"] < 0 else "worse" if v["difference"] > 0 else "no different"
     noise = " (within the eval's noise: give more eval data to tell them apart)" if v["within_noise"] else ""
-    held = f"{report['check_items']} held-back {report['unit']}s"
-    wrote = (f"wrote TWA's end point (below its start on {held})" if report["wrote"] == "twa" else
-             f"wrote the start, {report['start']} (TWA's end point was not below it on {held})")
+    c = report["check_loss"]
+    held = f"{c['difference']:+.4f} ± {c['se']:.4f} on {report['check_items']} held-back {report['unit']}s"
+    wrote = (f"wrote TWA's end point (below its start by more than two standard errors: {held})"
+             if report["wrote"] == "twa" else
+             f"wrote the start, {report['start']} (TWA's end point was not below it by two standard errors: {held})")
     return (f"eval loss on {report['eval_items']} held-out {report['unit']}s ({report['eval_tokens']:,} tokens): "
             + " · ".join(parts) + f" · TWA {e['start']['loss']:.4f} → {show('twa', '').strip()} ± {e['twa']['se']:.4f} "
             f"({mode} from {report['start']}, {report['twa_steps']} steps, {report['bits']}-bit, n={report['n']}, "
