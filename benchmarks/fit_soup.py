@@ -6,8 +6,10 @@
 Per seed: a small Llama (a byte-level BPE tokenizer trained here, saved beside every model) pretrained on
 Python source code (this Python's standard library), then fine-tuned six ways on English prose
 (``pydoc_data.topics``: learning rates and step counts from a small random search), each saved as a
-Hugging Face folder. Two more prose texts that no model trained on: ``val.txt`` and ``eval.txt``. Then, as
-README says:
+Hugging Face folder. Two more prose texts that no model trained on: ``val.txt`` and ``eval.txt``, in two
+settings: two separate stretches of the text (other topics: a shift between the data TWA-v learns on and the
+data it is judged on), and chunks of one held-out stretch dealt at random between the two files (the same
+distribution). Then, in each, as README says:
 
     twa fit FT0 … FT5 --val val.txt --eval eval.txt -o learned --report report.json
 
@@ -35,10 +37,14 @@ from benchmarks.soups import code_text
 
 FULL = dict(vocab=512, hidden=96, intermediate=256, layers=3, heads=4, context=64, batch=16, pretrain_steps=400,
             finetunes=6, steps=(40, 160), lr=(1e-4, 3e-3), seeds=3, text=(0, 200_000), val=(300_000, 330_000),
-            eval=(400_000, 430_000), fit_steps=100)
+            eval=(400_000, 430_000), held_out=(300_000, 460_000), chunk=2000, fit_steps=100)
 QUICK = dict(vocab=300, hidden=32, intermediate=64, layers=1, heads=2, context=32, batch=8, pretrain_steps=40,
              finetunes=4, steps=(10, 20), lr=(3e-4, 3e-3), seeds=1, text=(0, 30_000), val=(300_000, 306_000),
-             eval=(400_000, 406_000), fit_steps=10)
+             eval=(400_000, 406_000), held_out=(300_000, 312_000), chunk=1000, fit_steps=10)
+# Where val.txt and eval.txt come from: two separate stretches of the prose (different topics: a shift
+# between what TWA-v learns on and what it is judged on), or chunks of one held-out stretch dealt at random
+# between them (the same distribution, as one --text split by twa fit itself)
+SETTINGS = ("shifted", "same distribution")
 
 
 def bpe_tokenizer(text: str, vocab: int, folder: str):
@@ -82,9 +88,12 @@ def one_seed(cfg, seed, work) -> dict:
     code, prose = code_text(400_000), corpus_text()
     tok = bpe_tokenizer(code + prose[: cfg["text"][1]], cfg["vocab"], os.path.join(work, "tokenizer"))
     ids = {k: torch.tensor(tok(t)["input_ids"]) for k, t in (("code", code), ("prose", prose[slice(*cfg["text"])]))}
-    for name in ("val", "eval"):
-        with open(os.path.join(work, f"{name}.txt"), "w", encoding="utf-8") as f:
-            f.write(prose[slice(*cfg[name])])
+    held = prose[slice(*cfg["held_out"])]
+    chunks = [held[i:i + cfg["chunk"]] for i in range(0, len(held), cfg["chunk"])]
+    order = random.Random(1234).sample(range(len(chunks)), len(chunks))
+    texts = {"shifted": (prose[slice(*cfg["val"])], prose[slice(*cfg["eval"])]),
+             "same distribution": ("".join(chunks[i] for i in sorted(order[::2])),
+                                   "".join(chunks[i] for i in sorted(order[1::2])))}
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
                          num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
@@ -106,18 +115,26 @@ def one_seed(cfg, seed, work) -> dict:
         tok.save_pretrained(folder)
         folders.append(folder)
         search.append({"lr": lr, "steps": steps})
-    data = ["--val", os.path.join(work, "val.txt"), "--eval", os.path.join(work, "eval.txt")]
-    report = os.path.join(work, "report.json")
-    line = twa("fit", *folders, *data, "-o", os.path.join(work, "learned"), "--report", report,
-               "--context", cfg["context"], "--steps", cfg["fit_steps"], "--quiet").strip()
-    with open(report) as f:
-        rep = json.load(f)
-    greedy_line = twa("average", "greedy", *folders, "--val", data[1], "-o", os.path.join(work, "greedy"),
-                      "--context", cfg["context"], "--quiet").strip().splitlines()[0]
-    return {"search": search, "summary": line, "greedy_line": greedy_line, "eval": rep["eval"],
-            "start": rep["start"], "versus": rep["versus"], "eval_items": rep["eval_items"],
-            "wrote": rep.get("wrote"), "check_loss": rep.get("check_loss"),
-            "eval_tokens": rep["eval_tokens"], "tokens": rep["tokens"], "phases": rep["phases"]}
+    out = {"search": search}
+    for setting, (val_text, eval_text) in texts.items():
+        where = os.path.join(work, setting.replace(" ", "_"))
+        os.makedirs(where)
+        for name, text in (("val", val_text), ("eval", eval_text)):
+            with open(os.path.join(where, f"{name}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+        data = ["--val", os.path.join(where, "val.txt"), "--eval", os.path.join(where, "eval.txt")]
+        report = os.path.join(where, "report.json")
+        line = twa("fit", *folders, *data, "-o", os.path.join(where, "learned"), "--report", report,
+                   "--context", cfg["context"], "--steps", cfg["fit_steps"], "--quiet").strip()
+        with open(report) as f:
+            rep = json.load(f)
+        greedy_line = twa("average", "greedy", *folders, "--val", data[1], "-o", os.path.join(where, "greedy"),
+                          "--context", cfg["context"], "--quiet").strip().splitlines()[0]
+        out[setting] = {"summary": line.replace(work, "WORK"), "greedy_line": greedy_line.replace(work, "WORK"),
+                        "eval": rep["eval"], "start": rep["start"], "versus": rep["versus"],
+                        "eval_items": rep["eval_items"], "wrote": rep["wrote"], "check_loss": rep["check_loss"],
+                        "eval_tokens": rep["eval_tokens"], "tokens": rep["tokens"], "phases": rep["phases"]}
+    return out
 
 
 def main(argv=None):
@@ -138,33 +155,39 @@ def main(argv=None):
     md = render(cfg, runs, env, args.quick)
     print(md)
     path = save("fit_soup" + ("_quick" if args.quick else ""), device,
-                {"config": cfg, "runs": runs, "written_minus_best_of_single_and_greedy": differences(runs)},
+                {"config": cfg, "runs": runs,
+                 "written_minus_best_of_single_and_greedy": {k: differences(runs, k) for k in SETTINGS}},
                 md, out_dir=args.out_dir)
     print(f"saved {path}")
 
 
-def differences(runs) -> list[float]:
+def differences(runs, setting) -> list[float]:
     """The written model's eval loss minus the better of the best single model's and the greedy soup's."""
-    return [r["eval"].get("written", r["eval"]["twa"])["loss"]
-            - min(r["eval"][k]["loss"] for k in ("best single", "greedy soup")) for r in runs]
+    return [r[setting]["eval"]["written"]["loss"]
+            - min(r[setting]["eval"][k]["loss"] for k in ("best single", "greedy soup")) for r in runs]
 
 
 def render(cfg, runs, env, quick=False) -> str:
-    names = [n for n in ("last", "best single", "greedy soup", "uniform", "start", "twa", "written") if n in runs[0]["eval"]]
-    rows = [[n, *(f"{r['eval'][n]['loss']:.4f} ± {r['eval'][n]['se']:.4f}" for r in runs)] for n in names]
-    diffs = differences(runs)
-    return (f"`twa fit` with its defaults on {cfg['finetunes']} fine-tunes of a small Llama ({cfg['layers']} layers, "
-            f"hidden {cfg['hidden']}, byte-level BPE of {cfg['vocab']}), {cfg['seeds']} seed(s) "
-            f"({'quick smoke test, not a measurement; ' if quick else ''}{env['device']}; torch {env['torch']}; "
-            f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
-            "Eval loss (nats/token, ± standard error) of what the command reported, per seed ('start': the exact "
-            "merge TWA started from; 'twa': its end point; 'written': what the command wrote):\n\n"
-            + markdown_table(["on eval.txt", *(f"seed {i}" for i in range(len(runs)))], rows)
-            + "\nThe written model minus the better of the best single model and the greedy soup: "
-            + ", ".join(f"{d:+.4f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.4f})\n\n"
-            + "The command's summary lines:\n\n" + "\n".join(f"- seed {i}: {r['summary']}" for i, r in enumerate(runs))
-            + "\n\n`twa average greedy` said:\n\n"
-            + "\n".join(f"- seed {i}: {r['greedy_line']}" for i, r in enumerate(runs)) + "\n")
+    out = (f"`twa fit` with its defaults on {cfg['finetunes']} fine-tunes of a small Llama ({cfg['layers']} layers, "
+           f"hidden {cfg['hidden']}, byte-level BPE of {cfg['vocab']}), {cfg['seeds']} seed(s) "
+           f"({'quick smoke test, not a measurement; ' if quick else ''}{env['device']}; torch {env['torch']}; "
+           f"commit {str(env['commit'])[:10]}; {env['date']})\n\n"
+           "Eval loss (nats/token, ± standard error) of what the command reported, per seed ('start': the exact "
+           "merge TWA started from; 'twa': its end point; 'written': what the command wrote).\n")
+    names = ("last", "best single", "greedy soup", "uniform", "start", "twa", "written")
+    for setting in SETTINGS:
+        rows = [[n, *(f"{r[setting]['eval'][n]['loss']:.4f} ± {r[setting]['eval'][n]['se']:.4f}" for r in runs)]
+                for n in names]
+        diffs = differences(runs, setting)
+        out += (f"\nval.txt and eval.txt: {setting}\n\n"
+                + markdown_table(["on eval.txt", *(f"seed {i}" for i in range(len(runs)))], rows)
+                + "\nThe written model minus the better of the best single model and the greedy soup: "
+                + ", ".join(f"{d:+.4f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.4f})\n\n"
+                + "The command's summary lines:\n\n"
+                + "\n".join(f"- seed {i}: {r[setting]['summary']}" for i, r in enumerate(runs))
+                + "\n\n`twa average greedy` said:\n\n"
+                + "\n".join(f"- seed {i}: {r[setting]['greedy_line']}" for i, r in enumerate(runs)) + "\n")
+    return out
 
 
 if __name__ == "__main__":
