@@ -30,8 +30,8 @@ NONFINITE_MODES = ("raise", "skip")
 PROJECT_EVENT, APPLY_EVENT = "twa.project (P^T g)", "twa.apply (P beta)"
 # The start without data: the centre w̄ (the uniform merge), chosen by measurement over every regime of the
 # benchmarks (docs/method.md): it ties or beats the last checkpoint everywhere but the early part of a
-# run, where it is 0.005 bpc behind, and beats it by 0.02-0.03 bpc in a stable phase's window, whose last
-# checkpoint is its noisiest point. With data, twa.best_start chooses better than either.
+# run, where it is 0.005 bpc behind, and beats it by 0.006-0.029 bpc in the windows of a warmup-stable-decay
+# run, whose last checkpoint is their noisiest point. With data, twa.best_start chooses better than either.
 DEFAULT_INIT = "center"
 
 
