@@ -46,8 +46,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import twa_kernels as twa
+from twa_kernels.start import subset_weights
 from benchmarks import soup_methods
-from benchmarks.common import announce_backends, environment, markdown_table, pick_device, save
+from benchmarks.common import environment, markdown_table, save
 from benchmarks.quality import mean_std
 from benchmarks.quality_text import CharTransformer, bits_per_char, corpus_text, windows
 from benchmarks.recipe import TWARun
@@ -255,6 +256,13 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def greedy_members(run: Seed, states, val_scores) -> list[int]:
+    """The models greedy soup keeps (:func:`twa_kernels.greedy_selection`), each soup scored by validation bpc."""
+    kept, _ = twa.greedy_selection([-v for v in val_scores],
+                                   lambda idx: -run.val_bpc(run.model(soup_methods.uniform([states[i] for i in idx]))))
+    return kept
+
+
 def soups_at(run: Seed, states, val_scores, full: bool) -> dict:
     """Every method over ``states`` (fine-tunes in search order) with their validation bpc ``val_scores``."""
     n = len(states)
@@ -269,8 +277,7 @@ def soups_at(run: Seed, states, val_scores, full: bool) -> dict:
     soup, seconds = timed(lambda: soup_methods.uniform(states))
     record("uniform soup", soup, seconds, evals=0, train_steps=0, state_bytes=0)
     evals0 = run.val_evals
-    (kept, _), seconds = timed(lambda: twa.greedy_selection(
-        [-v for v in val_scores], lambda idx: -run.val_bpc(run.model(soup_methods.uniform([states[i] for i in idx])))))
+    kept, seconds = timed(lambda: greedy_members(run, states, val_scores))
     record("greedy soup", soup_methods.uniform([states[i] for i in kept]), seconds,
            evals=n + run.val_evals - evals0, train_steps=0, state_bytes=0, kept=sorted(kept))
     merged, seconds = timed(lambda: soup_methods.model_stock(run.base, states))
@@ -285,7 +292,7 @@ def soups_at(run: Seed, states, val_scores, full: bool) -> dict:
     (model, rec), seconds = timed(lambda: run.twa(states, "val"))
     record("TWA-v", model, seconds, evals=rec.pop("start_evaluations", 0), **rec)
     if full:
-        greedy_alpha = [1.0 / len(kept) if i in kept else 0.0 for i in range(n)]
+        greedy_alpha = subset_weights(n, kept)
         for name, kwargs in (("TWA-t", dict(split="train")), ("TWA-v, fp32", dict(split="val", bits=None)),
                              ("TWA-v from the greedy soup", dict(split="val", init=greedy_alpha)),
                              *((f"TWA-v, {b} bit{'s' if b > 1 else ''}", dict(split="val", bits=b)) for b in (1, 2, 8))):
@@ -307,8 +314,7 @@ def table11(run: Seed) -> dict:
     vals = [run.val_bpc(run.model(s)) for s in ckpts]
     out = {"best single (by val)": run.scores(ckpts[min(range(len(ckpts)), key=lambda i: vals[i])]),
            "last checkpoint": run.scores(ckpts[-1]), "uniform soup": run.scores(soup_methods.uniform(ckpts))}
-    kept, _ = twa.greedy_selection([-v for v in vals],
-                                   lambda idx: -run.val_bpc(run.model(soup_methods.uniform([ckpts[i] for i in idx]))))
+    kept = greedy_members(run, ckpts, vals)
     out["greedy soup"] = dict(run.scores(soup_methods.uniform([ckpts[i] for i in kept])), kept=sorted(kept))
     for name, split in (("TWA-t", "train"), ("TWA-v", "val")):
         model, rec = run.twa(ckpts, split, ordered=True)

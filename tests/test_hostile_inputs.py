@@ -232,15 +232,26 @@ def test_the_checksum_is_mandatory_and_covers_the_record(space_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 7. stale temporaries
+def _this_host() -> str:
+    """The host part of the names this package gives its temporaries."""
+    return temporary_name("x").split(".tmp-", 1)[1].rsplit("-", 1)[0]
+
+
+def _temporaries_of(folder, pid, content):
+    """A file and a staging folder as this package names the ones a process ``pid`` of this host writes."""
+    host = _this_host()
+    file = folder / f"s.safetensors.tmp-{host}-{pid}"
+    file.write_bytes(content)
+    staging = folder / f".twa-average-{host}-{pid}-abcd"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"x" * 1000)
+    return file, staging
+
+
 def test_killed_writes_leave_nothing_the_next_write_keeps(space_file, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = temporary_name("x").split(".tmp-", 1)[1].rsplit("-", 1)[0]
-    stale_file = tmp_path / f"s.safetensors.tmp-{host}-{dead.pid}"
-    stale_file.write_bytes(b"half a subspace")
-    stale_dir = tmp_path / f".twa-average-{host}-{dead.pid}-abcd"
-    stale_dir.mkdir()
-    (stale_dir / "model.safetensors").write_bytes(b"x" * 1000)
+    stale_file, stale_dir = _temporaries_of(tmp_path, dead.pid, b"half a subspace")
     other_host = tmp_path / f"y.safetensors.tmp-elsewhere-{dead.pid}"  # another machine's write in progress
     other_host.write_bytes(b"")
     mine = tmp_path / "user.tmp-1"  # not a name this package writes
@@ -257,13 +268,8 @@ def test_the_writes_of_a_live_process_on_this_host_are_left_alone(space_file, tm
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        host = temporary_name("x").split(".tmp-", 1)[1].rsplit("-", 1)[0]
-        writing = tmp_path / f"s.safetensors.tmp-{host}-{live.pid}"
-        writing.write_bytes(b"a subspace being written")
-        staging = tmp_path / f".twa-average-{host}-{live.pid}-abcd"
-        staging.mkdir()
-        (staging / "model.safetensors").write_bytes(b"x" * 1000)
-        stale = tmp_path / f"t.safetensors.tmp-{host}-{dead.pid}"
+        writing, staging = _temporaries_of(tmp_path, live.pid, b"a subspace being written")
+        stale = tmp_path / f"t.safetensors.tmp-{_this_host()}-{dead.pid}"
         stale.write_bytes(b"half")
         twa.Subspace.load(space_file).save(tmp_path / "again.safetensors")
         assert writing.read_bytes() == b"a subspace being written" and (staging / "model.safetensors").exists()

@@ -70,35 +70,42 @@ def subset_weights(n: int, members, among=None) -> list[float]:
     return [1.0 / len(chosen) if j in chosen else 0.0 for j in range(n)]
 
 
-def soup_candidates(n: int, loss_at: Callable, among=None) -> tuple[dict, dict, tuple]:
-    """The merges of models given in no order, each scored by ``loss_at(α)``: the uniform soup, every single
-    model and the greedy soup (:func:`~twa_kernels.baselines.greedy_selection` on those scores; listed only
-    when it keeps more than one model). ``among``: the indices of the n points that are models (default all;
-    a pretrained base point is left out). Returns ({name: loss}, {name: α}, the greedy soup's members as
-    indices into ``among``); names are "uniform", "model i" (i counts within ``among``) and
-    "greedy soup (k of m)"."""
+def greedy_soup_name(kept, m: int) -> str:
+    """How the candidates name the greedy soup that kept ``kept`` of ``m`` models."""
+    return f"greedy soup ({len(kept)} of {m})"
+
+
+def greedy_by_loss(n: int, loss_at: Callable, among=None) -> tuple[list[float], tuple, float]:
+    """Greedy soup by loss (lower is better) over the models among n points, each merge scored by
+    ``loss_at(α)``: every single model's loss, then :func:`~twa_kernels.baselines.greedy_selection` on them.
+    ``among``: the indices of the n points that are models (default all). Returns (each model's loss, the
+    kept models as sorted indices into ``among``, the soup's loss)."""
     among = list(range(n)) if among is None else list(among)
-    m = len(among)
-    losses, alphas = {}, {}
-
-    def add(name, alpha, loss=None):
-        alphas[name] = alpha
-        losses[name] = loss_at(alpha) if loss is None else loss
-        return losses[name]
-
-    add("uniform", subset_weights(n, range(m), among))
-    single = [add(f"model {i}", subset_weights(n, [i], among)) for i in range(m)]
-    tried: dict[tuple, float] = {}
+    single = [loss_at(subset_weights(n, [i], among)) for i in range(len(among))]
 
     def soup_score(idx):
-        key = tuple(sorted(idx))
-        tried[key] = loss_at(subset_weights(n, key, among))
-        return -tried[key]
+        return -loss_at(subset_weights(n, idx, among))
 
-    kept, _ = greedy_selection([-x for x in single], soup_score)
-    kept = tuple(sorted(kept))
+    kept, best = greedy_selection([-x for x in single], soup_score)
+    return single, tuple(sorted(kept)), -best
+
+
+def soup_candidates(n: int, loss_at: Callable, among=None) -> tuple[dict, dict, tuple]:
+    """The merges of models given in no order, each scored by ``loss_at(α)``: the uniform soup, every single
+    model and the greedy soup (:func:`greedy_by_loss` on those scores; listed only when it keeps more than
+    one model). ``among``: the indices of the n points that are models (default all; a pretrained base
+    point is left out). Returns ({name: loss}, {name: α}, the greedy soup's members as indices into
+    ``among``); names are "uniform", "model i" (i counts within ``among``) and "greedy soup (k of m)"."""
+    among = list(range(n)) if among is None else list(among)
+    m = len(among)
+    alphas = {"uniform": subset_weights(n, range(m), among)}
+    losses = {"uniform": loss_at(alphas["uniform"])}
+    single, kept, soup_loss = greedy_by_loss(n, loss_at, among)
+    for i, loss in enumerate(single):
+        losses[f"model {i}"], alphas[f"model {i}"] = loss, subset_weights(n, [i], among)
     if len(kept) > 1:  # a soup of one model is that model, already a candidate
-        add(f"greedy soup ({len(kept)} of {m})", subset_weights(n, kept, among), tried[kept])
+        name = greedy_soup_name(kept, m)
+        losses[name], alphas[name] = soup_loss, subset_weights(n, kept, among)
     return losses, alphas, kept
 
 
@@ -147,7 +154,7 @@ def best_start(model: torch.nn.Module, space: Subspace, evaluate: Callable[[torc
         for name, loss in found.items():
             consider(name, alpha_of[name], loss)
         if kept:
-            members[f"greedy soup ({len(kept)} of {n})"] = kept
+            members[greedy_soup_name(kept, n)] = kept
     for name, alpha in (candidates or {}).items():
         consider(str(name), alpha)
     bar.close()

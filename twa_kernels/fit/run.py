@@ -34,10 +34,10 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines import average_tensor, greedy_selection, lawa_weights, open_matching
+from ..baselines import average_tensor, lawa_weights, open_matching
 from ..hf_output import check_new_output, hf_weights_file, write_model
 from ..optim import ProjectedAdamW
-from ..start import soup_candidates, subset_weights
+from ..start import greedy_by_loss, soup_candidates, subset_weights
 from ..subspace import ALPHAS_FILE, Subspace
 from .measure import Phases, timed_step
 from .tasks import TASKS, CausalLM, Evaluation, make_task, split_items, split_text, windows_of
@@ -133,6 +133,16 @@ class Merges:
         self.evaluations += 1
         return self.task.evaluate(self.model, items, self.batch)
 
+    @classmethod
+    def open(cls, points, task, batch, dtype, trusted):
+        """The points' sources, and the model they are merged into: loaded like the last point, in eval mode
+        (TWA trains β, not dropout's noise; a merge is judged as it will be used)."""
+        sources = open_matching(points, trusted=trusted)
+        stored = {k: sources[-1].dtype(k) for k in sources[-1].keys()}
+        model = task.load_model(points[-1], dtype)
+        model.eval()
+        return cls(model, sources, stored, task, batch)
+
 
 def _check_inputs(checkpoints, base, output, split, init, steps, task) -> None:
     if len(checkpoints) < 2:
@@ -177,16 +187,13 @@ def fit(checkpoints, output, *, task="causal-lm", text=None, val=None, eval_file
     select_items = _cap(job, train_items, eval_tokens)
     points = ([base] if base else []) + checkpoints
     models = list(range(1 if base else 0, len(points)))  # the points that are fine-tunes, not the base
-    sources = open_matching(points, trusted=trusted)
-    stored = {k: sources[-1].dtype(k) for k in sources[-1].keys()}
     phases = Phases()
     n = len(points)
 
     with phases("load"):
-        model = job.load_model(last, dtype)
-        model.eval()  # TWA trains β, not dropout's noise; a merge is judged as it will be used
+        merges = Merges.open(points, job, batch, dtype, trusted)
+        model, sources, stored = merges.model, merges.sources, merges.stored
         params = sum(p.numel() for p in model.parameters())
-    merges = Merges(model, sources, stored, job, batch)
     with phases("select"):
         bar = tqdm(desc="scoring the merges", unit="merge", disable=None if progress is None else not progress)
 
@@ -338,11 +345,7 @@ def greedy(checkpoints, val, *, task="causal-lm", context=None, tokenizer="auto"
         raise ValueError(f"{val} holds no {job.unit} to score the models on" + (
             f" (a window is {job.context + 1} tokens: give more text or a shorter --context)" if job.unit == "window"
             else ""))
-    sources = open_matching(checkpoints, trusted=trusted)
-    stored = {k: sources[-1].dtype(k) for k in sources[-1].keys()}
-    model = job.load_model(checkpoints[-1], dtype)
-    model.eval()
-    merges = Merges(model, sources, stored, job, batch)
+    merges = Merges.open(checkpoints, job, batch, dtype, trusted)
     n = len(checkpoints)
     bar = tqdm(desc="greedy soup", unit="merge", disable=None if progress is None else not progress)
 
@@ -350,14 +353,7 @@ def greedy(checkpoints, val, *, task="causal-lm", context=None, tokenizer="auto"
         bar.update(1)
         return merges.evaluate(alpha, items).mean
 
-    losses = [loss_at(subset_weights(n, [i])) for i in range(n)]
-    soup = {}
-
-    def soup_score(idx):
-        soup[tuple(sorted(idx))] = loss_at(subset_weights(n, idx))
-        return -soup[tuple(sorted(idx))]
-
-    kept, best = greedy_selection([-x for x in losses], soup_score)
+    losses, kept, soup_loss = greedy_by_loss(n, loss_at)
     bar.close()
-    return {"kept": sorted(kept), "weights": subset_weights(n, kept), "losses": losses, "soup_loss": -best,
+    return {"kept": list(kept), "weights": subset_weights(n, kept), "losses": losses, "soup_loss": soup_loss,
             "items": len(items), "unit": job.unit}

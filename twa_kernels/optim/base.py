@@ -38,6 +38,7 @@ DEFAULT_INIT = "center"
 def initial_alphas(init, space: Subspace) -> torch.Tensor | None:
     """The averaging weights α ([n] or [L, n], float64) an ``init`` asks for; None for "center" (β = 0)
     and "keep" (the weights are left as they are). Checked before the model is touched."""
+    init = getattr(init, "alpha", init)  # a twa.Start (what best_start chose) stands for its α
     if isinstance(init, str):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES} or averaging weights α, got {init!r}")
@@ -103,7 +104,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                  capturable: bool = False, differentiable: bool = False):
         if not isinstance(space, Subspace):
             raise TypeError(f"space must be a twa_kernels.Subspace, got {type(space).__name__}")
-        init = getattr(init, "alpha", init)  # a twa.Start (what best_start chose) stands for its α
         alpha0 = initial_alphas(init, space)
         if average_after is not None and (isinstance(average_after, bool) or not isinstance(average_after, int)
                                           or average_after < 0):
@@ -324,13 +324,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """weights += P̃ Δβ, with whatever communication the placement needs."""
         self._placement.apply(self._engine, self._binding, delta, self._compensation, self._comm)
 
+    def _local_beta(self, alpha) -> torch.Tensor:
+        """The β of averaging weights α, in this optimizer's dtype and device, for the columns it holds."""
+        beta = self.space.beta_for_alphas(alpha).to(self._beta.device, self._beta.dtype)
+        return beta[:, self._placement.column_slice(self.space.n)]
+
     def _place_alphas(self, alpha) -> None:
         """weights = Σ α_i w_i as P̃ represents it (the centre for α = None), β accordingly."""
-        beta = None
-        if alpha is not None:
-            beta = self.space.beta_for_alphas(alpha).to(self._beta.device, self._beta.dtype)
-            beta = beta[:, self._placement.column_slice(self.space.n)]
-        self._place(beta)
+        self._place(None if alpha is None else self._local_beta(alpha))
 
     @torch.no_grad()
     def _place(self, beta) -> None:
@@ -396,9 +397,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         placing it through a 4-bit P̃ adds. Only before the first step."""
         if float(self._step) != 0:
             raise RuntimeError("anchor() sets the start: call it before the first step")
-        alpha = initial_alphas(getattr(alpha, "alpha", alpha), self.space)
-        beta = self.space.beta_for_alphas(alpha).to(self._beta.device, self._beta.dtype)
-        self._beta.copy_(beta[:, self._placement.column_slice(self.space.n)])
+        self._beta.copy_(self._local_beta(initial_alphas(alpha, self.space)))
         if self._compensation is not None:  # the weights are what they are: no residue to carry
             self._compensation.zero_()
         self._publish_state()
